@@ -1,0 +1,440 @@
+//! BitClone9's Kafka side: topics per table, Avro schemas registered with a Confluent-compatible
+//! registry, and an idempotent producer whose deliveries the pipeline awaits in order.
+//!
+//! ```text
+//!   Change ──► EventWriter::prepare (topic, schemas: once per table shape)
+//!          ──► EventWriter::send    (encode key + envelope, enqueue) ──► DeliveryFuture
+//! ```
+
+pub mod encode;
+pub mod schema;
+
+use bitclone9_core::{Change, Op, TableSchema};
+use encode::{EncodeError, SourceInfo};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use rdkafka::producer::DeliveryFuture as Delivery;
+
+/// A failure on the Kafka side. [`SinkError::is_transient`] tells whether retrying may help.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot reach Kafka at {bootstrap}: {detail}")]
+    KafkaUnreachable { bootstrap: String, detail: String },
+    #[error("cannot reach the schema registry at {url}: {detail}")]
+    RegistryUnreachable { url: String, detail: String },
+    #[error("the schema registry refused subject {subject}: {detail}")]
+    SchemaRejected { subject: String, detail: String },
+    #[error("cannot create topic {topic}: {detail}")]
+    Topic { topic: String, detail: String },
+    #[error("cannot produce to topic {topic}: {detail}")]
+    Produce { topic: String, detail: String },
+    #[error("invalid Kafka client setting: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error(transparent)]
+    Template(#[from] schema::TemplateError),
+}
+
+impl SinkError {
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            SinkError::KafkaUnreachable { .. }
+                | SinkError::RegistryUnreachable { .. }
+                | SinkError::Produce { .. }
+                | SinkError::Topic { .. }
+        )
+    }
+}
+
+/// Kafka and registry connection settings.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub registry_url: String,
+    /// librdkafka settings for the producer, applied over BitClone9's defaults.
+    pub producer: Vec<(String, String)>,
+    pub request_timeout: Duration,
+}
+
+/// How the topics of one source are named and created.
+#[derive(Debug, Clone)]
+pub struct TopicSettings {
+    pub prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Topic configs such as `cleanup.policy`.
+    pub config: Vec<(String, String)>,
+}
+
+impl TopicSettings {
+    pub fn topic_for(&self, table: &TableSchema) -> String {
+        format!("{}.{}.{}", self.prefix, table.id.schema, table.id.name)
+    }
+}
+
+/// A Confluent-compatible schema registry.
+#[derive(Clone)]
+pub struct Registry {
+    settings: SrSettings,
+    url: String,
+}
+
+impl Registry {
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, SinkError> {
+        let settings = SrSettings::new_builder(url.to_string())
+            .set_timeout(timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| SinkError::Config(format!("schema registry {url}: {e}")))?;
+        Ok(Self {
+            settings,
+            url: url.to_string(),
+        })
+    }
+
+    /// Registers `schema` under `subject` (or finds it registered) and returns its id.
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, SinkError> {
+        let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_string());
+        match post_schema(&self.settings, subject.to_string(), supplied).await {
+            Ok(r) => Ok(r.id),
+            Err(e)
+                if e.retriable
+                    || e.error.contains("connect")
+                    || e.cause.as_deref().is_some_and(|c| c.contains("connect")) =>
+            {
+                Err(SinkError::RegistryUnreachable {
+                    url: self.url.clone(),
+                    detail: registry_detail(&e),
+                })
+            }
+            Err(e) => Err(SinkError::SchemaRejected {
+                subject: subject.to_string(),
+                detail: registry_detail(&e),
+            }),
+        }
+    }
+
+    /// Lists the subjects: proves the registry answers.
+    pub async fn ping(&self) -> Result<usize, SinkError> {
+        schema_registry_converter::async_impl::schema_registry::get_all_subjects(&self.settings)
+            .await
+            .map(|s| s.len())
+            .map_err(|e| SinkError::RegistryUnreachable {
+                url: self.url.clone(),
+                detail: registry_detail(&e),
+            })
+    }
+
+    pub fn settings(&self) -> &SrSettings {
+        &self.settings
+    }
+}
+
+fn registry_detail(e: &schema_registry_converter::error::SRCError) -> String {
+    match &e.cause {
+        Some(c) => format!("{}: {c}", e.error),
+        None => e.error.clone(),
+    }
+}
+
+/// The producer settings BitClone9 relies on; user settings may tune the rest.
+pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &settings.bootstrap_servers)
+        .set("linger.ms", "5")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "200000")
+        .set("queue.buffering.max.kbytes", "262144")
+        .set("message.timeout.ms", "120000")
+        .set("socket.connection.setup.timeout.ms", "10000");
+    for (k, v) in &settings.producer {
+        cfg.set(k, v);
+    }
+    // Never overridable: ordered, exactly-once-per-session delivery acknowledged by all replicas.
+    cfg.set("enable.idempotence", "true").set("acks", "all");
+    cfg
+}
+
+/// Where and how one table's events are written.
+struct TableTarget {
+    fingerprint: u64,
+    topic: Arc<str>,
+    key_schema_id: Option<u32>,
+    value_schema_id: u32,
+    partitions: i32,
+}
+
+/// Turns changes into Kafka records.
+pub struct EventWriter {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    registry: Registry,
+    topics: TopicSettings,
+    source: SourceInfo,
+    targets: HashMap<u32, TableTarget>,
+    key_buf: Vec<u8>,
+    value_buf: Vec<u8>,
+    bootstrap: String,
+    timeout: Duration,
+}
+
+/// Checks that the Kafka cluster answers (metadata request), off the async threads.
+pub async fn ping_kafka(
+    producer: &FutureProducer,
+    bootstrap: &str,
+    timeout: Duration,
+) -> Result<usize, SinkError> {
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        p.client()
+            .fetch_metadata(None, timeout)
+            .map(|m| m.brokers().len())
+    })
+    .await
+    .map_err(|e| SinkError::KafkaUnreachable {
+        bootstrap: bootstrap.to_string(),
+        detail: e.to_string(),
+    })?
+    .map_err(|e| SinkError::KafkaUnreachable {
+        bootstrap: bootstrap.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+impl EventWriter {
+    pub async fn connect(
+        settings: &KafkaSettings,
+        topics: TopicSettings,
+        source: SourceInfo,
+    ) -> Result<Self, SinkError> {
+        let cfg = producer_config(settings);
+        let producer: FutureProducer =
+            cfg.create().map_err(|e| SinkError::Config(e.to_string()))?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &settings.bootstrap_servers)
+            .create()
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        ping_kafka(
+            &producer,
+            &settings.bootstrap_servers,
+            settings.request_timeout,
+        )
+        .await?;
+        let registry = Registry::new(&settings.registry_url, settings.request_timeout)?;
+        registry.ping().await?;
+        Ok(Self {
+            producer,
+            admin,
+            registry,
+            topics,
+            source,
+            targets: HashMap::new(),
+            key_buf: Vec::with_capacity(256),
+            value_buf: Vec::with_capacity(4096),
+            bootstrap: settings.bootstrap_servers.clone(),
+            timeout: settings.request_timeout,
+        })
+    }
+
+    /// Whether `table` (in this shape) still needs [`prepare`](Self::prepare).
+    pub fn needs_prepare(&self, table: &TableSchema) -> bool {
+        self.targets
+            .get(&table.relation_id)
+            .is_none_or(|t| t.fingerprint != table.fingerprint())
+    }
+
+    /// Creates the table's topic when missing and registers its schemas for this shape.
+    pub async fn prepare(&mut self, table: &TableSchema) -> Result<(), SinkError> {
+        let topic = self.topics.topic_for(table);
+        let known_topic = self.targets.values().any(|t| *t.topic == *topic);
+        let partitions = if known_topic {
+            self.targets
+                .values()
+                .find(|t| *t.topic == *topic)
+                .map(|t| t.partitions)
+                .unwrap_or(self.topics.partitions)
+        } else {
+            self.ensure_topic(&topic).await?
+        };
+        let key_schema_id = match schema::key_schema(table, &topic) {
+            Some(s) => Some(self.registry.register(&format!("{topic}-key"), &s).await?),
+            None => None,
+        };
+        let value = schema::value_schema(table, &topic)?;
+        let value_schema_id = self
+            .registry
+            .register(&format!("{topic}-value"), &value)
+            .await?;
+        tracing::info!(table = %table.id, topic = %topic, key_schema_id, value_schema_id, "table prepared");
+        self.targets.insert(
+            table.relation_id,
+            TableTarget {
+                fingerprint: table.fingerprint(),
+                topic: topic.into(),
+                key_schema_id,
+                value_schema_id,
+                partitions,
+            },
+        );
+        Ok(())
+    }
+
+    /// Creates `topic` if it does not exist; returns its partition count.
+    async fn ensure_topic(&self, topic: &str) -> Result<i32, SinkError> {
+        let mut new = NewTopic::new(
+            topic,
+            self.topics.partitions,
+            TopicReplication::Fixed(self.topics.replication_factor),
+        );
+        for (k, v) in &self.topics.config {
+            new = new.set(k, v);
+        }
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
+        let results =
+            self.admin
+                .create_topics([&new], &opts)
+                .await
+                .map_err(|e| SinkError::Topic {
+                    topic: topic.to_string(),
+                    detail: e.to_string(),
+                })?;
+        for r in results {
+            match r {
+                Ok(_) => {
+                    tracing::info!(topic, partitions = self.topics.partitions, "created topic")
+                }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(SinkError::Topic {
+                        topic: topic.to_string(),
+                        detail: code.to_string(),
+                    })
+                }
+            }
+        }
+        let p = self.producer.clone();
+        let t = topic.to_string();
+        let timeout = self.timeout;
+        let count = tokio::task::spawn_blocking(move || {
+            p.client().fetch_metadata(Some(&t), timeout).map(|m| {
+                m.topics()
+                    .first()
+                    .map(|t| t.partitions().len())
+                    .unwrap_or(0)
+            })
+        })
+        .await
+        .map_err(|e| SinkError::Topic {
+            topic: topic.to_string(),
+            detail: e.to_string(),
+        })?
+        .map_err(|e| SinkError::KafkaUnreachable {
+            bootstrap: self.bootstrap.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok(i32::try_from(count).unwrap_or(1).max(1))
+    }
+
+    /// Encodes `change` and enqueues its records (a delete adds a tombstone; a truncate goes to
+    /// every partition), pushing one delivery future per record onto `deliveries`.
+    /// [`prepare`](Self::prepare) must have run for the change's table shape.
+    pub async fn send(
+        &mut self,
+        change: &Change,
+        now_ms: i64,
+        deliveries: &mut Vec<DeliveryFuture>,
+    ) -> Result<(), SinkError> {
+        let target =
+            self.targets
+                .get(&change.table.relation_id)
+                .ok_or_else(|| SinkError::Produce {
+                    topic: change.table.id.to_string(),
+                    detail: "table not prepared".into(),
+                })?;
+        self.key_buf.clear();
+        self.value_buf.clear();
+        let has_key = match target.key_schema_id {
+            Some(id) => encode::encode_key(&mut self.key_buf, id, change)?,
+            None => false,
+        };
+        encode::encode_envelope(
+            &mut self.value_buf,
+            target.value_schema_id,
+            change,
+            &self.source,
+            now_ms,
+        )?;
+        let key = has_key.then_some(self.key_buf.as_slice());
+        let topic = target.topic.clone();
+        if change.op == Op::Truncate {
+            for partition in 0..target.partitions {
+                let rec = FutureRecord::<[u8], [u8]>::to(&topic)
+                    .payload(&self.value_buf)
+                    .partition(partition);
+                deliveries.push(enqueue(&self.producer, rec).await?);
+            }
+            return Ok(());
+        }
+        let mut rec = FutureRecord::<[u8], [u8]>::to(&topic).payload(&self.value_buf);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        deliveries.push(enqueue(&self.producer, rec).await?);
+        if change.op == Op::Delete {
+            if let Some(k) = key {
+                // The tombstone lets log compaction drop the key.
+                let rec = FutureRecord::<[u8], [u8]>::to(&topic).key(k);
+                deliveries.push(enqueue(&self.producer, rec).await?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every enqueued record is delivered or `timeout` passes.
+    pub fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
+        self.producer
+            .flush(timeout)
+            .map_err(|e| SinkError::Produce {
+                topic: "*".into(),
+                detail: e.to_string(),
+            })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Enqueues a record, waiting while librdkafka's queue is full.
+async fn enqueue(
+    producer: &FutureProducer,
+    mut rec: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, SinkError> {
+    loop {
+        match producer.send_result(rec) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                rec = back;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, back)) => {
+                return Err(SinkError::Produce {
+                    topic: back.topic.to_string(),
+                    detail: e.to_string(),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! What the source asks PostgreSQL's catalog: server settings, the tables to capture, their
+//! columns and key, type details, the publication and the slot.
+
+use crate::types::{self, PgType};
+use crate::SourceError;
+use bitclone9_core::{Column, Lsn, TableId, TableSchema};
+use std::collections::HashMap;
+use tokio_postgres::Client;
+
+/// Runs a catalog query, naming what it was for when it fails.
+fn q(what: &'static str) -> impl Fn(tokio_postgres::Error) -> SourceError {
+    move |e| SourceError::from_postgres(what, e)
+}
+
+/// Refuses a server that cannot do logical replication for this role, saying how to fix it.
+pub async fn check_server(client: &Client, user: &str) -> Result<(), SourceError> {
+    let row = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(q("reading wal_level"))?;
+    let wal_level: String = row.get(0);
+    if wal_level != "logical" {
+        return Err(SourceError::Misconfigured {
+            problem: format!("wal_level is '{wal_level}', logical decoding needs 'logical'"),
+            fix: "run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into(),
+        });
+    }
+    let row = client
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(q("reading the role's privileges"))?;
+    if !row.get::<_, bool>(0) {
+        return Err(SourceError::Misconfigured {
+            problem: format!("role '{user}' may not use replication"),
+            fix: format!("run ALTER ROLE \"{user}\" REPLICATION; as a superuser"),
+        });
+    }
+    Ok(())
+}
+
+/// Glob match with `*` (any run) and `?` (one character).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// The tables matched by `include` and not by `exclude` (patterns like `public.*`), with their
+/// replica identity checked: a table without one would make its own UPDATEs and DELETEs fail
+/// once published.
+pub async fn select_tables(
+    client: &Client,
+    include: &[String],
+    exclude: &[String],
+) -> Result<Vec<TableId>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname, c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                            AND (i.indisprimary OR i.indisreplident))
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(q("listing tables"))?;
+    let mut tables = Vec::new();
+    for row in rows {
+        let id = TableId::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let full = id.to_string();
+        if !include.iter().any(|p| glob_match(p, &full))
+            || exclude.iter().any(|p| glob_match(p, &full))
+        {
+            continue;
+        }
+        let replident: String = row.get(2);
+        let has_identity_index: bool = row.get(3);
+        if replident == "n" || (replident != "f" && !has_identity_index) {
+            return Err(SourceError::Misconfigured {
+                problem: format!("table {full} has no primary key or replica identity, so its updates and deletes cannot be captured"),
+                fix: format!("add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL; or exclude the table", quote_table(&id)),
+            });
+        }
+        tables.push(id);
+    }
+    if tables.is_empty() {
+        return Err(SourceError::Misconfigured {
+            problem: format!("no table matches include {include:?} (exclude {exclude:?})"),
+            fix: "check the patterns: they are schema.table with * and ? wildcards".into(),
+        });
+    }
+    Ok(tables)
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+pub fn quote_table(t: &TableId) -> String {
+    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
+}
+
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Creates the publication for `tables` when it does not exist; returns the tables it publishes.
+pub async fn ensure_publication(
+    client: &Client,
+    name: &str,
+    tables: &[TableId],
+) -> Result<Vec<TableId>, SourceError> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await
+        .map_err(q("looking up the publication"))?
+        .is_some();
+    if !exists {
+        let list: Vec<String> = tables.iter().map(quote_table).collect();
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(name),
+            list.join(", ")
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(q("creating the publication"))?;
+        tracing::info!(
+            publication = name,
+            tables = tables.len(),
+            "created publication"
+        );
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+            &[&name],
+        )
+        .await
+        .map_err(q("listing the publication's tables"))?;
+    let published: Vec<TableId> = rows
+        .iter()
+        .map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    for t in tables.iter().filter(|t| !published.contains(t)) {
+        tracing::warn!(publication = name, table = %t, "table matches the include patterns but is not in the existing publication, so it is not captured; add it with ALTER PUBLICATION ... ADD TABLE and re-snapshot");
+    }
+    Ok(published)
+}
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+    pub wal_status: Option<String>,
+}
+
+pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(q("looking up the replication slot"))?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active_pid: r.get(2),
+        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+        wal_status: r.get(4),
+    }))
+}
+
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(q("dropping the replication slot"))?;
+    Ok(())
+}
+
+/// Describes columns from their type OIDs and modifiers, fetching the catalog rows of types that
+/// are not built in (and caching them in `known`).
+pub async fn describe_columns(
+    client: &Client,
+    known: &mut HashMap<u32, PgType>,
+    columns: &[(String, u32, i32)],
+    key: &[String],
+) -> Result<Vec<Column>, SourceError> {
+    // Domains and arrays may need a second round (their base or element type).
+    for _ in 0..4 {
+        let missing: Vec<u32> = columns
+            .iter()
+            .filter_map(|(_, oid, _)| types::needs_lookup(*oid, known))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        let rows = client
+            .query(
+                "SELECT oid, typtype::text, typcategory::text, typelem, typbasetype, typtypmod
+                 FROM pg_type WHERE oid = ANY($1)",
+                &[&missing],
+            )
+            .await
+            .map_err(q("reading column types"))?;
+        for r in rows {
+            let oid: u32 = r.get(0);
+            let byte = |i: usize| r.get::<_, String>(i).bytes().next().unwrap_or(b'?');
+            known.insert(
+                oid,
+                PgType {
+                    oid,
+                    kind: byte(1),
+                    category: byte(2),
+                    elem: r.get(3),
+                    base: r.get(4),
+                    base_typmod: r.get(5),
+                },
+            );
+        }
+        // Unknown OIDs (dropped types) must not loop forever.
+        for oid in missing {
+            known.entry(oid).or_insert(PgType {
+                oid,
+                kind: b'?',
+                category: b'?',
+                elem: 0,
+                base: 0,
+                base_typmod: -1,
+            });
+        }
+    }
+    let oids: Vec<u32> = columns.iter().map(|c| c.1).collect();
+    let mods: Vec<i32> = columns.iter().map(|c| c.2).collect();
+    let names = client
+        .query(
+            "SELECT format_type(t.oid, NULLIF(t.m, -1)) FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, m, n) ORDER BY n",
+            &[&oids, &mods],
+        )
+        .await
+        .map_err(q("formatting column types"))?;
+    Ok(columns
+        .iter()
+        .zip(names)
+        .map(|((name, oid, typmod), pg_type)| Column {
+            name: name.clone(),
+            ty: types::column_type(*oid, *typmod, known),
+            pg_type: pg_type.get(0),
+            type_oid: *oid,
+            is_key: key.contains(name),
+        })
+        .collect())
+}
+
+/// The key columns of a table: its primary key, else its replica identity index.
+pub async fn key_columns(client: &Client, relation_id: u32) -> Result<Vec<String>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = $1 AND i.indexrelid = (
+               SELECT indexrelid FROM pg_index WHERE indrelid = $1 AND (indisprimary OR indisreplident)
+               ORDER BY indisprimary DESC LIMIT 1)",
+            &[&relation_id],
+        )
+        .await
+        .map_err(q("reading the table's key"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// A table's schema read from the catalog (used by the snapshot, inside its transaction).
+pub async fn table_schema(
+    client: &Client,
+    known: &mut HashMap<u32, PgType>,
+    table: &TableId,
+) -> Result<TableSchema, SourceError> {
+    let relation_id: u32 = client
+        .query_one(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(q("finding the table"))?
+        .get(0);
+    let rows = client
+        .query(
+            "SELECT attname::text, atttypid, atttypmod FROM pg_attribute
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            &[&relation_id],
+        )
+        .await
+        .map_err(q("reading the table's columns"))?;
+    let cols: Vec<(String, u32, i32)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let key = key_columns(client, relation_id).await?;
+    Ok(TableSchema {
+        id: table.clone(),
+        relation_id,
+        columns: describe_columns(client, known, &cols, &key).await?,
+    })
+}

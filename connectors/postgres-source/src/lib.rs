@@ -1,0 +1,920 @@
+//! BitClone9's PostgreSQL source: a consistent snapshot, then the logical replication stream.
+//!
+//! ```text
+//!             CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT
+//!                    │ consistent point + snapshot name
+//!   ┌────────────────┴───────────────┐
+//!   │ snapshot: COPY each table      │  op = r, inside the exported snapshot
+//!   └────────────────┬───────────────┘
+//!                    ▼ SnapshotDone
+//!   ┌────────────────────────────────┐
+//!   │ stream: START_REPLICATION      │  pgoutput → Change (c/u/d/t), Commit, Progress
+//!   └────────────────────────────────┘
+//!                    ▲ acknowledged LSN (only what Kafka has durably stored)
+//! ```
+//!
+//! The source never decides on its own what is safe to confirm: the pipeline hands back, through
+//! [`PostgresSource::ack_handle`], the end LSN of the last transaction whose every event is
+//! delivered, and only that reaches the slot.
+
+pub mod catalog;
+pub mod pgoutput;
+pub mod types;
+
+use bitclone9_core::{Change, Lsn, Op, Row, SnapshotMark, TableId, TableSchema, TxInfo, Value};
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, StreamExt};
+use pgoutput::{Message, TupleValue};
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use types::PgType;
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+/// Upper bound of events handed over by one `next_batch` call.
+const MAX_BATCH: usize = 4096;
+/// Prefix of the logical messages the source writes as heartbeats.
+pub const HEARTBEAT_PREFIX: &str = "bitclone9.heartbeat";
+
+/// Whether to read the tables' existing rows before streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    Initial,
+    Never,
+}
+
+/// Everything the source needs to know.
+#[derive(Debug, Clone)]
+pub struct PostgresSourceConfig {
+    /// The source's name, as it appears in events, logs and metrics.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    pub slot: String,
+    pub publication: String,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub snapshot: SnapshotMode,
+    /// How often a heartbeat is written so the slot advances on an idle database.
+    pub heartbeat_interval: Duration,
+    /// How often the confirmed position is reported to the server.
+    pub status_interval: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// What the daemon remembers of this source between runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumeState {
+    /// End LSN of the last transaction Kafka acknowledged.
+    pub lsn: Option<Lsn>,
+    /// The initial snapshot was delivered completely.
+    pub snapshot_done: bool,
+}
+
+/// A failure of the source. [`SourceError::is_transient`] tells whether retrying may help.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot reach PostgreSQL at {target}: {detail}")]
+    Unreachable { target: String, detail: String },
+    #[error("PostgreSQL error while {what}: {detail}")]
+    Query {
+        what: &'static str,
+        detail: String,
+        transient: bool,
+    },
+    #[error("{problem}; to fix: {fix}")]
+    Misconfigured { problem: String, fix: String },
+    #[error("replication stream: {0}")]
+    Stream(String),
+    #[error("undecodable WAL message: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("table {table}, column {column}: {error}")]
+    Value {
+        table: TableId,
+        column: String,
+        error: types::ValueError,
+    },
+    #[error("WAL refers to relation {0} before describing it")]
+    UnknownRelation(u32),
+}
+
+impl SourceError {
+    pub(crate) fn from_postgres(what: &'static str, e: tokio_postgres::Error) -> Self {
+        let transient = e.is_closed() || e.as_db_error().is_none();
+        let detail = match e.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => e.to_string(),
+        };
+        SourceError::Query {
+            what,
+            detail,
+            transient,
+        }
+    }
+
+    /// Network trouble and lost connections may pass; a misconfiguration or bad data will not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Unreachable { .. } | SourceError::Stream(_) => true,
+            SourceError::Query { transient, .. } => *transient,
+            _ => false,
+        }
+    }
+}
+
+/// What the source hands to the pipeline, in WAL order.
+#[derive(Debug, Clone)]
+pub enum SourceEvent {
+    Change(Change),
+    /// Every change of the transaction ending at `end_lsn` has been handed over.
+    Commit {
+        end_lsn: Lsn,
+    },
+    /// No transaction is open up to `lsn` (keepalive or heartbeat): safe to confirm once all
+    /// earlier events are delivered.
+    Progress {
+        lsn: Lsn,
+    },
+    /// The snapshot (if any) is complete and streaming starts at `consistent_point`.
+    SnapshotDone {
+        consistent_point: Lsn,
+    },
+}
+
+/// Confirms to the slot what Kafka has acknowledged.
+#[derive(Clone)]
+pub struct AckHandle(watch::Sender<Lsn>);
+
+impl AckHandle {
+    /// Raises the confirmed position (never lowers it).
+    pub fn ack(&self, lsn: Lsn) {
+        self.0.send_if_modified(|cur| {
+            let raise = lsn > *cur;
+            if raise {
+                *cur = lsn;
+            }
+            raise
+        });
+    }
+}
+
+struct SnapshotState {
+    tables: VecDeque<Arc<TableSchema>>,
+    current: Option<(
+        Arc<TableSchema>,
+        std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
+    )>,
+    partial: BytesMut,
+    seq: u64,
+    consistent_point: Lsn,
+    started_us: i64,
+    /// The last row read, held back so the very last one can be marked as such.
+    held: Option<Change>,
+}
+
+enum Phase {
+    Snapshot(Box<SnapshotState>),
+    Streaming,
+}
+
+/// Opens a normal (SQL) session with the source's settings.
+async fn connect_sql(cfg: &PostgresSourceConfig) -> Result<tokio_postgres::Client, SourceError> {
+    let target = format!("{}:{} (database {})", cfg.host, cfg.port, cfg.database);
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&cfg.host)
+        .port(cfg.port)
+        .user(&cfg.user)
+        .password(&cfg.password)
+        .dbname(&cfg.database)
+        .application_name(&format!("bitclone9-{}", cfg.name))
+        .connect_timeout(cfg.connect_timeout)
+        .options(session_options());
+    let (sql, conn) =
+        pg.connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| SourceError::Unreachable {
+                target,
+                detail: e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string()),
+            })?;
+    let source_name = cfg.name.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(source = %source_name, error = %e, "catalog connection closed");
+        }
+    });
+    Ok(sql)
+}
+
+/// Connects and checks that the server can serve this source; returns the tables it would
+/// capture. Changes nothing on the server.
+pub async fn check(cfg: &PostgresSourceConfig) -> Result<Vec<TableId>, SourceError> {
+    let sql = connect_sql(cfg).await?;
+    catalog::check_server(&sql, &cfg.user).await?;
+    catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await
+}
+
+/// A running PostgreSQL source.
+pub struct PostgresSource {
+    cfg: PostgresSourceConfig,
+    sql: tokio_postgres::Client,
+    repl: ReplicationClient,
+    phase: Phase,
+    known_types: HashMap<u32, PgType>,
+    relations: HashMap<u32, Arc<TableSchema>>,
+    tx: Option<TxInfo>,
+    seq: u64,
+    acked_tx: watch::Sender<Lsn>,
+    acked_rx: watch::Receiver<Lsn>,
+    heartbeat: tokio::time::Interval,
+    /// A slot created without a snapshot: announced as a finished (empty) snapshot first thing.
+    announce_snapshot_done: Option<Lsn>,
+    stream_started: bool,
+}
+
+fn session_options() -> String {
+    types::SESSION_SETTINGS
+        .iter()
+        .map(|(k, v)| format!("-c {k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl PostgresSource {
+    /// Connects, checks the server, makes sure the publication and slot exist, and prepares the
+    /// snapshot when one is due.
+    pub async fn start(
+        cfg: PostgresSourceConfig,
+        resume: ResumeState,
+    ) -> Result<Self, SourceError> {
+        let target = format!("{}:{} (database {})", cfg.host, cfg.port, cfg.database);
+        let sql = connect_sql(&cfg).await?;
+        catalog::check_server(&sql, &cfg.user).await?;
+        let tables = catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await?;
+        let published = catalog::ensure_publication(&sql, &cfg.publication, &tables).await?;
+
+        let slot = catalog::slot_info(&sql, &cfg.slot).await?;
+        let mut need_slot = slot.is_none();
+        if let Some(s) = &slot {
+            if let Some(pid) = s.active_pid {
+                return Err(SourceError::Misconfigured {
+                    problem: format!("replication slot '{}' is in use by process {pid}", cfg.slot),
+                    fix: "stop the other consumer of this slot (another bitclone9?), or give this source its own slot name".into(),
+                });
+            }
+            if s.plugin.as_deref() != Some("pgoutput")
+                || s.database.as_deref() != Some(cfg.database.as_str())
+            {
+                return Err(SourceError::Misconfigured {
+                    problem: format!(
+                        "replication slot '{}' exists for plugin {:?} on database {:?}, not pgoutput on '{}'",
+                        cfg.slot, s.plugin, s.database, cfg.database
+                    ),
+                    fix: "choose another slot name, or drop that slot if it is unused".into(),
+                });
+            }
+            if s.wal_status.as_deref() == Some("lost") {
+                return Err(SourceError::Misconfigured {
+                    problem: format!("replication slot '{}' was invalidated: the WAL it needs is gone", cfg.slot),
+                    fix: format!("drop it with SELECT pg_drop_replication_slot('{}'); the next start re-snapshots", cfg.slot),
+                });
+            }
+            if cfg.snapshot == SnapshotMode::Initial && !resume.snapshot_done {
+                tracing::warn!(source = %cfg.name, slot = %cfg.slot, "the slot exists but no complete snapshot was recorded: dropping and re-creating it to take a consistent snapshot");
+                catalog::drop_slot(&sql, &cfg.slot).await?;
+                need_slot = true;
+            }
+        } else if resume.lsn.is_some() {
+            tracing::warn!(source = %cfg.name, slot = %cfg.slot, "the slot is gone although this source streamed before: re-creating it{}",
+                if cfg.snapshot == SnapshotMode::Initial { " and re-snapshotting" } else { "; changes made while it was missing are NOT captured (snapshot = \"never\")" });
+        }
+
+        let mut rcfg = ReplicationConfig::new(
+            cfg.host.clone(),
+            cfg.user.clone(),
+            cfg.password.clone(),
+            cfg.database.clone(),
+            cfg.slot.clone(),
+            cfg.publication.clone(),
+        )
+        .with_port(cfg.port)
+        .with_tls(TlsConfig::disabled())
+        .with_status_interval(cfg.status_interval)
+        .with_wakeup_interval(Duration::from_secs(1))
+        .with_buffer_size(16 * 1024)
+        .with_options(session_options())
+        .with_application_name(format!("bitclone9-{}", cfg.name));
+        if !need_slot {
+            if let Some(lsn) = resume.lsn {
+                rcfg = rcfg.with_start_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+            }
+        }
+        let mut repl =
+            ReplicationClient::connect_gated(rcfg)
+                .await
+                .map_err(|e| SourceError::Unreachable {
+                    target: target.clone(),
+                    detail: e.to_string(),
+                })?;
+
+        let (acked_tx, acked_rx) = watch::channel(resume.lsn.unwrap_or_default());
+        let mut phase = Phase::Streaming;
+        let mut announce_snapshot_done = None;
+        let mut known_types = HashMap::new();
+        if need_slot {
+            let export = cfg.snapshot == SnapshotMode::Initial;
+            let sqlcmd = format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
+                catalog::quote_ident(&cfg.slot),
+                if export {
+                    "EXPORT_SNAPSHOT"
+                } else {
+                    "NOEXPORT_SNAPSHOT"
+                }
+            );
+            let rows = repl
+                .simple_query(&sqlcmd)
+                .await
+                .map_err(|e| stream_err("creating the replication slot", e))?;
+            let row = rows.first().ok_or_else(|| {
+                SourceError::Stream("CREATE_REPLICATION_SLOT returned no row".into())
+            })?;
+            let text = |i: usize| {
+                row.get(i)
+                    .and_then(|v| v.as_ref())
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+            };
+            let consistent_point: Lsn = text(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+                SourceError::Stream("CREATE_REPLICATION_SLOT returned no consistent point".into())
+            })?;
+            tracing::info!(source = %cfg.name, slot = %cfg.slot, lsn = %consistent_point, "created replication slot");
+            if !export {
+                announce_snapshot_done = Some(consistent_point);
+            } else {
+                let snapshot_name = text(2).ok_or_else(|| {
+                    SourceError::Stream("CREATE_REPLICATION_SLOT exported no snapshot".into())
+                })?;
+                sql.batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                    catalog::quote_literal(&snapshot_name)
+                ))
+                .await
+                .map_err(|e| SourceError::from_postgres("importing the slot's snapshot", e))?;
+                let mut schemas = VecDeque::new();
+                for t in &published {
+                    schemas.push_back(Arc::new(
+                        catalog::table_schema(&sql, &mut known_types, t).await?,
+                    ));
+                }
+                phase = Phase::Snapshot(Box::new(SnapshotState {
+                    tables: schemas,
+                    current: None,
+                    partial: BytesMut::new(),
+                    seq: 0,
+                    consistent_point,
+                    started_us: now_us(),
+                    held: None,
+                }));
+            }
+        }
+        let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut source = Self {
+            cfg,
+            sql,
+            repl,
+            phase,
+            known_types,
+            relations: HashMap::new(),
+            tx: None,
+            seq: 0,
+            acked_tx,
+            acked_rx,
+            heartbeat,
+            announce_snapshot_done,
+            stream_started: false,
+        };
+        if matches!(source.phase, Phase::Streaming) {
+            source.start_stream().await?;
+        }
+        Ok(source)
+    }
+
+    /// A handle through which the pipeline confirms delivered positions.
+    pub fn ack_handle(&self) -> AckHandle {
+        AckHandle(self.acked_tx.clone())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Whether the source is still reading its snapshot.
+    pub fn snapshotting(&self) -> bool {
+        matches!(self.phase, Phase::Snapshot(_))
+    }
+
+    async fn start_stream(&mut self) -> Result<(), SourceError> {
+        self.repl
+            .start()
+            .await
+            .map_err(|e| stream_err("starting replication", e))?;
+        self.repl.wait_started().await.map_err(|e| match e {
+            pgwire_replication::PgWireError::Server(msg) if msg.contains("is active for PID") => SourceError::Misconfigured {
+                problem: format!("replication slot '{}' is in use: {msg}", self.cfg.slot),
+                fix: "stop the other consumer of this slot, or give this source its own slot name".into(),
+            },
+            e => stream_err("starting replication", e),
+        })?;
+        self.stream_started = true;
+        tracing::info!(source = %self.cfg.name, slot = %self.cfg.slot, "streaming started");
+        Ok(())
+    }
+
+    /// Hands over the next events (at least one) in WAL order.
+    pub async fn next_batch(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), SourceError> {
+        if let Phase::Snapshot(_) = self.phase {
+            return self.next_snapshot_batch(out).await;
+        }
+        if let Some(consistent_point) = self.announce_snapshot_done.take() {
+            out.push(SourceEvent::SnapshotDone { consistent_point });
+            return Ok(());
+        }
+        let first = loop {
+            tokio::select! {
+                ev = self.repl.recv() => break ev,
+                changed = self.acked_rx.changed() => {
+                    if changed.is_ok() {
+                        let lsn = *self.acked_rx.borrow_and_update();
+                        self.repl.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+                    }
+                }
+                _ = self.heartbeat.tick() => self.write_heartbeat().await,
+            }
+        };
+        self.handle_event(first, out).await?;
+        while out.len() < MAX_BATCH {
+            match self.repl.recv().now_or_never() {
+                Some(ev) => self.handle_event(ev, out).await?,
+                None => break,
+            }
+        }
+        if self.acked_rx.has_changed().unwrap_or(false) {
+            let lsn = *self.acked_rx.borrow_and_update();
+            self.repl
+                .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+        }
+        Ok(())
+    }
+
+    /// Writes a non-transactional logical message into this database's WAL so the slot has
+    /// something of its own to confirm even when the captured tables are idle.
+    async fn write_heartbeat(&self) {
+        if let Err(e) = self
+            .sql
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1, '')",
+                &[&HEARTBEAT_PREFIX],
+            )
+            .await
+        {
+            tracing::warn!(source = %self.cfg.name, error = %e, "could not write a heartbeat; an idle database may retain WAL (grant EXECUTE on pg_logical_emit_message to the role)");
+        }
+    }
+
+    async fn handle_event(
+        &mut self,
+        ev: pgwire_replication::Result<Option<ReplicationEvent>>,
+        out: &mut Vec<SourceEvent>,
+    ) -> Result<(), SourceError> {
+        let ev = ev
+            .map_err(|e| stream_err("reading the replication stream", e))?
+            .ok_or_else(|| SourceError::Stream("the server ended the replication stream".into()))?;
+        match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                self.tx = Some(TxInfo {
+                    xid: Some(xid),
+                    commit_lsn: Lsn(final_lsn.as_u64()),
+                    commit_time_us: commit_time_micros + PG_EPOCH_OFFSET_US,
+                });
+                self.seq = 0;
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.tx = None;
+                out.push(SourceEvent::Commit {
+                    end_lsn: Lsn(end_lsn.as_u64()),
+                });
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if self.tx.is_none() && !wal_end.is_zero() {
+                    out.push(SourceEvent::Progress {
+                        lsn: Lsn(wal_end.as_u64()),
+                    });
+                }
+            }
+            ReplicationEvent::Message {
+                transactional, lsn, ..
+            } => {
+                if !transactional && self.tx.is_none() {
+                    out.push(SourceEvent::Progress {
+                        lsn: Lsn(lsn.as_u64()),
+                    });
+                }
+            }
+            ReplicationEvent::XLogData { data, .. } => self.handle_message(&data, out).await?,
+            ReplicationEvent::StoppedAt { .. } => {
+                return Err(SourceError::Stream("the stream stopped".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_message(
+        &mut self,
+        data: &Bytes,
+        out: &mut Vec<SourceEvent>,
+    ) -> Result<(), SourceError> {
+        let msg = pgoutput::decode(data)?;
+        let (op, relation_id, before, after) = match msg {
+            Message::Relation {
+                relation_id,
+                namespace,
+                name,
+                columns,
+                ..
+            } => {
+                let key = catalog::key_columns(&self.sql, relation_id).await?;
+                let cols: Vec<(String, u32, i32)> = columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
+                    .collect();
+                let columns =
+                    catalog::describe_columns(&self.sql, &mut self.known_types, &cols, &key)
+                        .await?;
+                let schema = TableSchema {
+                    id: TableId::new(namespace, name),
+                    relation_id,
+                    columns,
+                };
+                tracing::debug!(source = %self.cfg.name, table = %schema.id, "relation described");
+                self.relations.insert(relation_id, Arc::new(schema));
+                return Ok(());
+            }
+            Message::Insert { relation_id, new } => (Op::Insert, relation_id, None, Some(new)),
+            Message::Update {
+                relation_id,
+                old,
+                new,
+                ..
+            } => (Op::Update, relation_id, old, Some(new)),
+            Message::Delete {
+                relation_id, old, ..
+            } => (Op::Delete, relation_id, Some(old), None),
+            Message::Truncate { relation_ids, .. } => {
+                let tx = self.current_tx();
+                for id in relation_ids {
+                    let table = self.relation(id)?;
+                    out.push(SourceEvent::Change(Change {
+                        table,
+                        op: Op::Truncate,
+                        before: None,
+                        after: None,
+                        tx,
+                        seq: self.next_seq(),
+                        snapshot: SnapshotMark::No,
+                    }));
+                }
+                return Ok(());
+            }
+            Message::Type { .. } | Message::Origin | Message::Other(_) => return Ok(()),
+        };
+        let table = self.relation(relation_id)?;
+        let before = before.map(|t| parse_tuple(&table, &t)).transpose()?;
+        let mut after = after.map(|t| parse_tuple(&table, &t)).transpose()?;
+        // Under REPLICA IDENTITY FULL the old row has the unchanged TOAST values: use them.
+        if let (Some(b), Some(a)) = (&before, &mut after) {
+            for (new, old) in a.iter_mut().zip(b) {
+                if *new == Value::UnchangedToast && *old != Value::UnchangedToast {
+                    *new = old.clone();
+                }
+            }
+        }
+        let tx = self.current_tx();
+        out.push(SourceEvent::Change(Change {
+            table,
+            op,
+            before,
+            after,
+            tx,
+            seq: self.next_seq(),
+            snapshot: SnapshotMark::No,
+        }));
+        Ok(())
+    }
+
+    fn current_tx(&self) -> TxInfo {
+        self.tx.unwrap_or(TxInfo {
+            xid: None,
+            commit_lsn: Lsn(0),
+            commit_time_us: 0,
+        })
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let s = self.seq;
+        self.seq += 1;
+        s
+    }
+
+    fn relation(&self, id: u32) -> Result<Arc<TableSchema>, SourceError> {
+        self.relations
+            .get(&id)
+            .cloned()
+            .ok_or(SourceError::UnknownRelation(id))
+    }
+
+    async fn next_snapshot_batch(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), SourceError> {
+        let Phase::Snapshot(state) = &mut self.phase else {
+            return Ok(());
+        };
+        loop {
+            if state.current.is_none() {
+                let Some(table) = state.tables.pop_front() else {
+                    break;
+                };
+                let cols: Vec<String> = table
+                    .columns
+                    .iter()
+                    .map(|c| catalog::quote_ident(&c.name))
+                    .collect();
+                let copy = format!(
+                    "COPY (SELECT {} FROM ONLY {}) TO STDOUT",
+                    cols.join(", "),
+                    catalog::quote_table(&table.id)
+                );
+                let stream = self
+                    .sql
+                    .copy_out(copy.as_str())
+                    .await
+                    .map_err(|e| SourceError::from_postgres("starting the snapshot COPY", e))?;
+                tracing::info!(source = %self.cfg.name, table = %table.id, "snapshot of table started");
+                state.seq = 0;
+                state.current = Some((table, Box::pin(stream)));
+            }
+            let Some((table, stream)) = &mut state.current else {
+                continue;
+            };
+            match stream.next().await {
+                Some(chunk) => {
+                    let chunk = chunk
+                        .map_err(|e| SourceError::from_postgres("reading the snapshot COPY", e))?;
+                    state.partial.extend_from_slice(&chunk);
+                    let tx = TxInfo {
+                        xid: None,
+                        commit_lsn: state.consistent_point,
+                        commit_time_us: state.started_us,
+                    };
+                    while let Some(nl) = state.partial.iter().position(|&b| b == b'\n') {
+                        let line = state.partial.split_to(nl + 1);
+                        let row = parse_copy_line(table, &line[..nl])?;
+                        let change = Change {
+                            table: table.clone(),
+                            op: Op::Read,
+                            before: None,
+                            after: Some(row),
+                            tx,
+                            seq: state.seq,
+                            snapshot: SnapshotMark::Yes,
+                        };
+                        state.seq += 1;
+                        if let Some(prev) = state.held.replace(change) {
+                            out.push(SourceEvent::Change(prev));
+                        }
+                    }
+                    if !out.is_empty() {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    tracing::info!(source = %self.cfg.name, table = %table.id, rows = state.seq, "snapshot of table done");
+                    state.current = None;
+                }
+            }
+        }
+        // Every table is read: mark the last row, end the snapshot transaction, start streaming.
+        if let Some(mut last) = state.held.take() {
+            last.snapshot = SnapshotMark::Last;
+            out.push(SourceEvent::Change(last));
+        }
+        let consistent_point = state.consistent_point;
+        self.sql
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| SourceError::from_postgres("ending the snapshot transaction", e))?;
+        self.phase = Phase::Streaming;
+        out.push(SourceEvent::SnapshotDone { consistent_point });
+        self.start_stream().await
+    }
+
+    /// Stops the replication session, confirming `final_lsn` first.
+    pub async fn shutdown(mut self, final_lsn: Option<Lsn>) {
+        if let Some(lsn) = final_lsn {
+            self.repl
+                .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+        }
+        if self.stream_started {
+            if let Err(e) = self.repl.shutdown().await {
+                tracing::debug!(source = %self.cfg.name, error = %e, "replication shutdown");
+            }
+        }
+    }
+}
+
+fn stream_err(what: &str, e: pgwire_replication::PgWireError) -> SourceError {
+    match e {
+        pgwire_replication::PgWireError::Server(msg) if !msg.contains("terminating connection") => {
+            SourceError::Misconfigured {
+                problem: format!("the server refused {what}: {msg}"),
+                fix: "see the server's message; check the slot, publication and role".into(),
+            }
+        }
+        e => SourceError::Stream(format!("{what}: {e}")),
+    }
+}
+
+fn parse_tuple(table: &TableSchema, tuple: &[TupleValue]) -> Result<Row, SourceError> {
+    if tuple.len() != table.columns.len() {
+        return Err(SourceError::Stream(format!(
+            "table {}: row has {} columns, relation has {}",
+            table.id,
+            tuple.len(),
+            table.columns.len()
+        )));
+    }
+    tuple
+        .iter()
+        .zip(&table.columns)
+        .map(|(v, col)| match v {
+            TupleValue::Null => Ok(Value::Null),
+            TupleValue::UnchangedToast => Ok(Value::UnchangedToast),
+            TupleValue::Text(b) | TupleValue::Binary(b) => {
+                let text = std::str::from_utf8(b).map_err(|_| SourceError::Value {
+                    table: table.id.clone(),
+                    column: col.name.clone(),
+                    error: types::ValueError {
+                        ty: col.pg_type.clone(),
+                        text: String::from_utf8_lossy(b).into_owned(),
+                        why: "not UTF-8",
+                    },
+                })?;
+                types::parse_text(&col.ty, text).map_err(|error| SourceError::Value {
+                    table: table.id.clone(),
+                    column: col.name.clone(),
+                    error,
+                })
+            }
+        })
+        .collect()
+}
+
+/// Parses one line of `COPY ... TO STDOUT` text format.
+fn parse_copy_line(table: &TableSchema, line: &[u8]) -> Result<Row, SourceError> {
+    let mut row = Vec::with_capacity(table.columns.len());
+    let mut fields = line.split(|&b| b == b'\t');
+    for col in &table.columns {
+        let field = fields.next().ok_or_else(|| {
+            SourceError::Stream(format!("table {}: COPY row has too few columns", table.id))
+        })?;
+        if field == b"\\N" {
+            row.push(Value::Null);
+            continue;
+        }
+        let raw = copy_unescape(field);
+        let text = std::str::from_utf8(&raw).map_err(|_| {
+            SourceError::Stream(format!(
+                "table {}, column {}: COPY value is not UTF-8",
+                table.id, col.name
+            ))
+        })?;
+        row.push(
+            types::parse_text(&col.ty, text).map_err(|error| SourceError::Value {
+                table: table.id.clone(),
+                column: col.name.clone(),
+                error,
+            })?,
+        );
+    }
+    Ok(row)
+}
+
+/// Undoes COPY text-format escaping (`\\`, `\n`, `\t`, octal and `\x` forms).
+fn copy_unescape(field: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !field.contains(&b'\\') {
+        return std::borrow::Cow::Borrowed(field);
+    }
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let b = field[i];
+        i += 1;
+        if b != b'\\' || i >= field.len() {
+            out.push(b);
+            continue;
+        }
+        let c = field[i];
+        i += 1;
+        match c {
+            b'b' => out.push(8),
+            b'f' => out.push(12),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(11),
+            b'0'..=b'7' => {
+                let mut v = u32::from(c - b'0');
+                for _ in 0..2 {
+                    match field.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            v = v * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                out.push(v as u8);
+            }
+            b'x' => {
+                let mut v = 0u32;
+                let mut n = 0;
+                while n < 2 {
+                    match field.get(i).and_then(|d| (*d as char).to_digit(16)) {
+                        Some(d) => {
+                            v = v * 16 + d;
+                            i += 1;
+                            n += 1;
+                        }
+                        None => break,
+                    }
+                }
+                if n == 0 {
+                    out.push(b'x');
+                } else {
+                    out.push(v as u8);
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitclone9_core::{Column, ColumnType};
+
+    fn table() -> TableSchema {
+        let col = |name: &str, ty| Column {
+            name: name.into(),
+            ty,
+            pg_type: "x".into(),
+            type_oid: 0,
+            is_key: name == "id",
+        };
+        TableSchema {
+            id: TableId::new("public", "t"),
+            relation_id: 1,
+            columns: vec![col("id", ColumnType::Int64), col("note", ColumnType::Text)],
+        }
+    }
+
+    #[test]
+    fn copy_lines_unescape_and_nulls() {
+        let row = parse_copy_line(&table(), b"7\ta\\tb\\\\c\\nd\\101").expect("parses");
+        assert_eq!(row, vec![Value::Long(7), Value::Text("a\tb\\c\ndA".into())]);
+        let row = parse_copy_line(&table(), b"8\t\\N").expect("parses");
+        assert_eq!(row, vec![Value::Long(8), Value::Null]);
+        assert!(parse_copy_line(&table(), b"8").is_err());
+        let err = parse_copy_line(&table(), b"x\tn").expect_err("bad int");
+        assert!(err.to_string().contains("column id"), "{err}");
+    }
+}

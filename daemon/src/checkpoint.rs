@@ -1,0 +1,138 @@
+//! The checkpoint store: what each connector has durably handed on, in RocksDB.
+//!
+//! Positions only ever move forward: a write of a lower LSN than the stored one is ignored, so
+//! a late or replayed acknowledgement can never move a source back.
+
+use bitclone9_core::Lsn;
+use bitclone9_postgres_source::ResumeState;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot open the checkpoint store at {dir}: {detail}")]
+    Open { dir: PathBuf, detail: String },
+    #[error("checkpoint store: {0}")]
+    Io(#[from] rocksdb::Error),
+    #[error("checkpoint store: corrupt value under {0}")]
+    Corrupt(String),
+}
+
+pub struct CheckpointStore {
+    db: rocksdb::DB,
+}
+
+fn lsn_key(source: &str) -> String {
+    format!("source/{source}/lsn")
+}
+fn snapshot_key(source: &str) -> String {
+    format!("source/{source}/snapshot_done")
+}
+
+impl CheckpointStore {
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        let open_err = |detail: String| CheckpointError::Open {
+            dir: dir.to_path_buf(),
+            detail,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.set_keep_log_file_num(3);
+        let db = rocksdb::DB::open(&opts, dir.join("checkpoints")).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("lock") {
+                open_err(format!(
+                    "{msg} (is another bitclone9 running with this state_dir?)"
+                ))
+            } else {
+                open_err(msg)
+            }
+        })?;
+        Ok(Self { db })
+    }
+
+    fn get_lsn(&self, key: &str) -> Result<Option<Lsn>, CheckpointError> {
+        match self.db.get(key)? {
+            None => Ok(None),
+            Some(v) => {
+                let bytes: [u8; 8] = v
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| CheckpointError::Corrupt(key.to_string()))?;
+                Ok(Some(Lsn(u64::from_be_bytes(bytes))))
+            }
+        }
+    }
+
+    fn put_sync(&self, key: &str, lsn: Lsn) -> Result<(), CheckpointError> {
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.db.put_opt(key, lsn.0.to_be_bytes(), &w)?;
+        Ok(())
+    }
+
+    pub fn load_source(&self, source: &str) -> Result<ResumeState, CheckpointError> {
+        Ok(ResumeState {
+            lsn: self.get_lsn(&lsn_key(source))?,
+            snapshot_done: self.get_lsn(&snapshot_key(source))?.is_some(),
+        })
+    }
+
+    /// Stores the source's confirmed position if it is ahead of the stored one.
+    pub fn save_source_lsn(&self, source: &str, lsn: Lsn) -> Result<(), CheckpointError> {
+        let key = lsn_key(source);
+        if self.get_lsn(&key)?.is_some_and(|cur| cur >= lsn) {
+            return Ok(());
+        }
+        self.put_sync(&key, lsn)
+    }
+
+    /// Records that the source's snapshot (taken at `consistent_point`) is delivered.
+    pub fn mark_snapshot_done(
+        &self,
+        source: &str,
+        consistent_point: Lsn,
+    ) -> Result<(), CheckpointError> {
+        self.put_sync(&snapshot_key(source), consistent_point)?;
+        self.save_source_lsn(source, consistent_point)
+    }
+
+    /// Forgets a source's snapshot record (its slot was re-created: a new snapshot is due).
+    pub fn clear_source(&self, source: &str) -> Result<(), CheckpointError> {
+        self.db.delete(snapshot_key(source))?;
+        self.db.delete(lsn_key(source))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_never_move_backward_and_survive_reopen() {
+        let dir = std::env::temp_dir().join(format!("bc9-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let s = CheckpointStore::open(&dir).expect("opens");
+            assert_eq!(s.load_source("a").expect("loads"), ResumeState::default());
+            s.save_source_lsn("a", Lsn(100)).expect("saves");
+            s.save_source_lsn("a", Lsn(50)).expect("saves");
+            assert_eq!(s.load_source("a").expect("loads").lsn, Some(Lsn(100)));
+            s.mark_snapshot_done("b", Lsn(7)).expect("saves");
+            assert!(
+                CheckpointStore::open(&dir).is_err(),
+                "a second opener is refused"
+            );
+        }
+        let s = CheckpointStore::open(&dir).expect("reopens");
+        assert_eq!(s.load_source("a").expect("loads").lsn, Some(Lsn(100)));
+        let b = s.load_source("b").expect("loads");
+        assert!(b.snapshot_done);
+        assert_eq!(b.lsn, Some(Lsn(7)));
+        s.clear_source("b").expect("clears");
+        assert_eq!(s.load_source("b").expect("loads"), ResumeState::default());
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,532 @@
+//! The one TOML file that configures a BitClone9 daemon.
+//!
+//! Loading goes: read → parse TOML → interpolate `${VAR}` in strings from the environment →
+//! deserialize into typed structs (unknown keys rejected) → check values. Every error names the
+//! file, the key path and what was expected, so a bad file is fixed in one look.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: not valid TOML: {message}")]
+    Syntax { file: PathBuf, message: String },
+    #[error("{file}: at `{path}`: {message}")]
+    Invalid {
+        file: PathBuf,
+        path: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where the checkpoint store (RocksDB) lives.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// A `tracing` filter such as `info` or `info,bitclone9=debug`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            log_format: LogFormat::Text,
+            log_level: default_log_level(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/bitclone9")
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9187))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Base URL of the Confluent-compatible schema registry API.
+    pub schema_registry_url: String,
+    /// librdkafka producer settings passed through (e.g. `"linger.ms" = "10"`).
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotSetting {
+    #[default]
+    Initial,
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(rename = "type")]
+    pub kind: SourceKind,
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+    pub database: String,
+    /// Replication slot; default `bitclone9_<source name>`.
+    pub slot: Option<String>,
+    /// Publication; default `bitclone9_<source name>`.
+    pub publication: Option<String>,
+    /// Tables to capture, as `schema.table` patterns with `*` and `?`.
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub snapshot: SnapshotSetting,
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(default = "default_status_interval", with = "humantime_serde")]
+    pub status_interval: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Topics are `<topic_prefix>.<schema>.<table>`; default the source name.
+    pub topic_prefix: Option<String>,
+    #[serde(default)]
+    pub topics: TopicConfig,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_include() -> Vec<String> {
+    vec!["public.*".into()]
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_status_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    #[serde(default = "one")]
+    pub partitions: i32,
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    /// `delete` or `compact` (or `compact,delete`).
+    #[serde(default = "default_cleanup")]
+    pub cleanup_policy: String,
+    /// Other topic configs for created topics (e.g. `"retention.ms" = "604800000"`).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        Self {
+            partitions: 1,
+            replication_factor: 1,
+            cleanup_policy: default_cleanup(),
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+fn one() -> i32 {
+    1
+}
+fn default_cleanup() -> String {
+    "delete".into()
+}
+
+impl SourceConfig {
+    pub fn slot_name(&self, source: &str) -> String {
+        self.slot
+            .clone()
+            .unwrap_or_else(|| format!("bitclone9_{}", source.replace('-', "_")))
+    }
+    pub fn publication_name(&self, source: &str) -> String {
+        self.publication
+            .clone()
+            .unwrap_or_else(|| format!("bitclone9_{}", source.replace('-', "_")))
+    }
+    pub fn prefix(&self, source: &str) -> String {
+        self.topic_prefix
+            .clone()
+            .unwrap_or_else(|| source.to_string())
+    }
+}
+
+impl Config {
+    /// Reads, interpolates, parses and checks `file`.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Self::parse(file, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses `text` (from `file`, for messages), looking up `${VAR}`s with `env`.
+    pub fn parse(
+        file: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        interpolate(&mut value, &mut Vec::new(), env).map_err(|(path, message)| {
+            ConfigError::Invalid {
+                file: file.to_path_buf(),
+                path,
+                message,
+            }
+        })?;
+        let config: Config =
+            serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Invalid {
+                file: file.to_path_buf(),
+                path: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        config
+            .check()
+            .map_err(|(path, message)| ConfigError::Invalid {
+                file: file.to_path_buf(),
+                path,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Value checks serde cannot express.
+    fn check(&self) -> Result<(), (String, String)> {
+        let name_ok = |s: &str, extra: &[char]| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
+        };
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err((
+                "kafka.bootstrap_servers".into(),
+                "expected host:port[,host:port...], got an empty string".into(),
+            ));
+        }
+        if !(self.kafka.schema_registry_url.starts_with("http://")
+            || self.kafka.schema_registry_url.starts_with("https://"))
+        {
+            return Err((
+                "kafka.schema_registry_url".into(),
+                format!(
+                    "expected an http:// or https:// URL, got {:?}",
+                    self.kafka.schema_registry_url
+                ),
+            ));
+        }
+        for (name, s) in &self.sources {
+            let at = |key: &str| format!("sources.{name}.{key}");
+            if !name_ok(name, &['-']) {
+                return Err((
+                    format!("sources.{name}"),
+                    "source names may use letters, digits, '_' and '-' only".into(),
+                ));
+            }
+            let slot = s.slot_name(name);
+            if slot.len() > 63
+                || !slot
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err((at("slot"), format!("expected at most 63 lower-case letters, digits or '_' (a PostgreSQL slot name), got {slot:?}")));
+            }
+            if s.publication_name(name).is_empty() {
+                return Err((
+                    at("publication"),
+                    "expected a publication name, got an empty string".into(),
+                ));
+            }
+            let prefix = s.prefix(name);
+            if !name_ok(&prefix, &['-', '.']) {
+                return Err((at("topic_prefix"), format!("expected letters, digits, '.', '_' or '-' (a Kafka topic prefix), got {prefix:?}")));
+            }
+            if s.include.is_empty() {
+                return Err((
+                    at("include"),
+                    "expected at least one schema.table pattern".into(),
+                ));
+            }
+            for (i, p) in s.include.iter().chain(&s.exclude).enumerate() {
+                if !p.contains('.') {
+                    let key = if i < s.include.len() {
+                        "include"
+                    } else {
+                        "exclude"
+                    };
+                    return Err((
+                        at(key),
+                        format!("expected schema.table patterns such as \"public.*\", got {p:?}"),
+                    ));
+                }
+            }
+            if s.topics.partitions < 1 {
+                return Err((
+                    at("topics.partitions"),
+                    format!("expected at least 1, got {}", s.topics.partitions),
+                ));
+            }
+            if s.topics.replication_factor < 1 {
+                return Err((
+                    at("topics.replication_factor"),
+                    format!("expected at least 1, got {}", s.topics.replication_factor),
+                ));
+            }
+            let policies: Vec<&str> = s.topics.cleanup_policy.split(',').map(str::trim).collect();
+            if policies.iter().any(|p| *p != "delete" && *p != "compact") {
+                return Err((
+                    at("topics.cleanup_policy"),
+                    format!(
+                        "expected \"delete\", \"compact\" or \"compact,delete\", got {:?}",
+                        s.topics.cleanup_policy
+                    ),
+                ));
+            }
+            if s.heartbeat_interval.is_zero() || s.status_interval.is_zero() {
+                return Err((
+                    at(if s.heartbeat_interval.is_zero() {
+                        "heartbeat_interval"
+                    } else {
+                        "status_interval"
+                    }),
+                    "expected a duration above zero, such as \"10s\"".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replaces `${VAR}` in every string with the environment variable's value (`$${` for a literal
+/// `${`). Errors carry the key path.
+fn interpolate(
+    value: &mut toml::Value,
+    path: &mut Vec<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (String, String)> {
+    match value {
+        toml::Value::String(s) if s.contains("${") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("${") {
+                if i > 0 && rest.as_bytes()[i - 1] == b'$' {
+                    out.push_str(&rest[..i - 1]);
+                    out.push_str("${");
+                    rest = &rest[i + 2..];
+                    continue;
+                }
+                out.push_str(&rest[..i]);
+                let end = rest[i..].find('}').ok_or_else(|| {
+                    (
+                        path.join("."),
+                        "unterminated ${ in string (write $${ for a literal ${)".to_string(),
+                    )
+                })?;
+                let name = &rest[i + 2..i + end];
+                let v = env(name).ok_or_else(|| {
+                    (
+                        path.join("."),
+                        format!(
+                            "environment variable {name} is not set (referenced as ${{{name}}})"
+                        ),
+                    )
+                })?;
+                out.push_str(&v);
+                rest = &rest[i + end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                path.push(k.clone());
+                interpolate(v, path, env)?;
+                path.pop();
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, v) in a.iter_mut().enumerate() {
+                path.push(i.to_string());
+                interpolate(v, path, env)?;
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+state_dir = "/tmp/x"
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+schema_registry_url = "http://127.0.0.1:8081/apis/ccompat/v7"
+[sources.demo]
+type = "postgres"
+host = "127.0.0.1"
+user = "u"
+password = "${PGPASS}"
+database = "shop"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text, &|n| {
+            (n == "PGPASS").then(|| "s3cret".to_string())
+        })
+    }
+
+    #[test]
+    fn good_config_with_defaults_and_interpolation() {
+        let c = parse(GOOD).expect("valid");
+        let s = &c.sources["demo"];
+        assert_eq!(s.password, "s3cret");
+        assert_eq!(s.port, 5432);
+        assert_eq!(s.slot_name("demo"), "bitclone9_demo");
+        assert_eq!(s.include, vec!["public.*".to_string()]);
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
+    }
+
+    fn invalid(text: &str) -> (String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid { path, message, .. }) => (path, message),
+            other => panic!("expected an invalid-config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        let (path, msg) = invalid(&GOOD.replace("${PGPASS}", "${NOPE}"));
+        assert_eq!(path, "sources.demo.password");
+        assert!(msg.contains("NOPE"), "{msg}");
+
+        let (path, msg) = invalid(&format!("{GOOD}colour = \"red\"\n"));
+        assert_eq!(path, "sources.demo.colour");
+        assert!(msg.contains("unknown field"), "{msg}");
+
+        let (path, msg) = invalid(&format!("{GOOD}port = \"five\"\n"));
+        assert_eq!(path, "sources.demo.port");
+        assert!(msg.contains("u16"), "{msg}");
+
+        let (path, _) = invalid(&format!("{GOOD}snapshot = \"sometimes\"\n"));
+        assert_eq!(path, "sources.demo.snapshot");
+
+        let (path, msg) = invalid(&format!("{GOOD}[sources.demo.topics]\npartitions = 0\n"));
+        assert_eq!(path, "sources.demo.topics.partitions");
+        assert!(msg.contains("at least 1"), "{msg}");
+
+        let (path, _) = invalid(&format!("{GOOD}slot = \"Bad-Slot\"\n"));
+        assert_eq!(path, "sources.demo.slot");
+
+        let (path, _) = invalid(&format!("{GOOD}heartbeat_interval = \"often\"\n"));
+        assert_eq!(path, "sources.demo.heartbeat_interval");
+
+        assert!(matches!(parse("[kafka\n"), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
+    fn dollar_escape_keeps_a_literal() {
+        let c = parse(&GOOD.replace("${PGPASS}", "a$${b}")).expect("valid");
+        assert_eq!(c.sources["demo"].password, "a${b}");
+    }
+
+    #[test]
+    fn shipped_example_configs_parse() {
+        let env = |_: &str| Some("x".to_string());
+        for f in ["bitclone9.toml", "quickstart.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../config")
+                .join(f);
+            let text = std::fs::read_to_string(&path).expect("example config exists");
+            Config::parse(&path, &text, &env).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+}

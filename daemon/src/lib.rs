@@ -1,0 +1,61 @@
+//! The `bitclone9` daemon: configuration, checkpoint store, pipelines and their supervisor.
+//! The binary (`main.rs`) is a thin CLI over this library, so tests can drive the same code.
+
+pub mod checkpoint;
+pub mod config;
+pub mod pipeline;
+
+use bitclone9_kafka::{KafkaSettings, TopicSettings};
+use bitclone9_postgres_source::{PostgresSourceConfig, SnapshotMode};
+use config::{Config, SnapshotSetting, SourceConfig};
+
+/// The Kafka settings of a configuration.
+pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
+    KafkaSettings {
+        bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
+        registry_url: cfg.kafka.schema_registry_url.clone(),
+        producer: cfg
+            .kafka
+            .producer
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        request_timeout: cfg.kafka.request_timeout,
+    }
+}
+
+/// The source connector's settings for the source named `name`.
+pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
+    PostgresSourceConfig {
+        name: name.to_string(),
+        host: s.host.clone(),
+        port: s.port,
+        user: s.user.clone(),
+        password: s.password.clone(),
+        database: s.database.clone(),
+        slot: s.slot_name(name),
+        publication: s.publication_name(name),
+        include: s.include.clone(),
+        exclude: s.exclude.clone(),
+        snapshot: match s.snapshot {
+            SnapshotSetting::Initial => SnapshotMode::Initial,
+            SnapshotSetting::Never => SnapshotMode::Never,
+        },
+        heartbeat_interval: s.heartbeat_interval,
+        status_interval: s.status_interval,
+        connect_timeout: s.connect_timeout,
+    }
+}
+
+/// How the source named `name` names and creates its topics.
+pub fn topic_settings(name: &str, s: &SourceConfig) -> TopicSettings {
+    let mut config: Vec<(String, String)> =
+        vec![("cleanup.policy".into(), s.topics.cleanup_policy.clone())];
+    config.extend(s.topics.config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    TopicSettings {
+        prefix: s.prefix(name),
+        partitions: s.topics.partitions,
+        replication_factor: s.topics.replication_factor,
+        config,
+    }
+}

@@ -1,0 +1,214 @@
+//! `bitclone9`: PostgreSQL change data capture to Kafka as Avro.
+//!
+//! Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
+
+use anyhow::Context;
+use bitclone9::checkpoint::CheckpointStore;
+use bitclone9::config::{Config, LogFormat};
+use bitclone9::pipeline::{self, PipelineConfig};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "bitclone9",
+    version,
+    about = "PostgreSQL change data capture to Kafka as Avro"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every configured pipeline until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Overrides daemon.log_format.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Validate the configuration file; with --connect, also reach each service.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        connect: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (config_path, log_format) = match &cli.command {
+        Command::Run { config, log_format } => (config, *log_format),
+        Command::Check { config, .. } => (config, None),
+    };
+    let cfg = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bitclone9: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&cfg, log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bitclone9: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = match cli.command {
+        Command::Run { .. } => runtime.block_on(run(cfg)),
+        Command::Check { connect, .. } => runtime.block_on(check(cfg, connect)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("bitclone9: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(cfg: &Config, over: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BITCLONE9_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.daemon.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match over.unwrap_or(cfg.daemon.log_format) {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+    if cfg.sources.is_empty() {
+        eprintln!("bitclone9: configuration error: no [sources.NAME] section: nothing to run");
+        return Ok(ExitCode::from(2));
+    }
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(cfg.admin.listen)
+        .install()
+        .with_context(|| {
+            format!(
+                "cannot serve metrics on {} (admin.listen)",
+                cfg.admin.listen
+            )
+        })?;
+    let store = Arc::new(CheckpointStore::open(&cfg.daemon.state_dir)?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let kafka = bitclone9::kafka_settings(&cfg);
+    let mut tasks = Vec::new();
+    for (name, s) in &cfg.sources {
+        let pc = PipelineConfig {
+            source: bitclone9::source_settings(name, s),
+            kafka: kafka.clone(),
+            topics: bitclone9::topic_settings(name, s),
+        };
+        tasks.push(tokio::spawn(pipeline::supervise(
+            pc,
+            store.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    tracing::info!(sources = cfg.sources.len(), "bitclone9 running");
+
+    wait_for_signal().await?;
+    tracing::info!(
+        "stopping: finishing deliveries and checkpointing (signal again to exit at once)"
+    );
+    let _ = stop_tx.send(true);
+    // A second signal exits at once; what Kafka has not acknowledged is read again on the next
+    // start, so nothing is lost.
+    tokio::spawn(async {
+        if wait_for_signal().await.is_ok() {
+            eprintln!("bitclone9: second signal, exiting now");
+            std::process::exit(130);
+        }
+    });
+    for t in tasks {
+        let _ = t.await;
+    }
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
+    println!("configuration: ok ({} source(s))", cfg.sources.len());
+    if !connect {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut failed = false;
+    let kafka = bitclone9::kafka_settings(&cfg);
+    let producer: rdkafka::producer::FutureProducer = bitclone9_kafka::producer_config(&kafka)
+        .create()
+        .context("creating the Kafka client")?;
+    match bitclone9_kafka::ping_kafka(&producer, &kafka.bootstrap_servers, kafka.request_timeout)
+        .await
+    {
+        Ok(n) => println!("kafka {}: ok ({n} broker(s))", kafka.bootstrap_servers),
+        Err(e) => {
+            failed = true;
+            println!("kafka {}: FAILED: {e}", kafka.bootstrap_servers)
+        }
+    }
+    let registry = bitclone9_kafka::Registry::new(&kafka.registry_url, kafka.request_timeout)?;
+    match registry.ping().await {
+        Ok(n) => println!(
+            "schema registry {}: ok ({n} subject(s))",
+            kafka.registry_url
+        ),
+        Err(e) => {
+            failed = true;
+            println!("schema registry {}: FAILED: {e}", kafka.registry_url)
+        }
+    }
+    for (name, s) in &cfg.sources {
+        let sc = bitclone9::source_settings(name, s);
+        match bitclone9_postgres_source::check(&sc).await {
+            Ok(tables) => println!(
+                "source {name} (postgres {}:{}/{}): ok, {} table(s) to capture",
+                s.host,
+                s.port,
+                s.database,
+                tables.len()
+            ),
+            Err(e) => {
+                failed = true;
+                println!(
+                    "source {name} (postgres {}:{}/{}): FAILED: {e}",
+                    s.host, s.port, s.database
+                )
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,318 @@
+//! One source's pipeline, and the supervisor that restarts it.
+//!
+//! ```text
+//!  PostgresSource ──batch──► EventWriter::send ──► librdkafka (in flight)
+//!        ▲                        │ DeliveryFutures, Commit(lsn) markers, in WAL order
+//!        │                        ▼
+//!        └──── AckHandle ◄──── acker task: await deliveries in order; at each marker,
+//!                               checkpoint (RocksDB) then confirm to the slot
+//! ```
+//!
+//! Reading never waits for Kafka acknowledgements (only for librdkafka's queue to have room);
+//! the acker confirms an LSN only after every record before it was acknowledged by Kafka.
+
+use crate::checkpoint::CheckpointStore;
+use bitclone9_core::{Lsn, Op};
+use bitclone9_kafka::encode::SourceInfo;
+use bitclone9_kafka::{Delivery, EventWriter, KafkaSettings, SinkError, TopicSettings};
+use bitclone9_postgres_source::{
+    AckHandle, PostgresSource, PostgresSourceConfig, SourceError, SourceEvent,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Why a pipeline run ended.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("postgres source: {0}")]
+    Source(#[from] SourceError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] SinkError),
+    #[error("kafka delivery failed: {0}")]
+    Delivery(String),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+}
+
+impl PipelineError {
+    /// A short name of the part at fault, for logs and metrics.
+    pub fn component(&self) -> &'static str {
+        match self {
+            PipelineError::Source(_) => "postgres",
+            PipelineError::Kafka(
+                SinkError::RegistryUnreachable { .. } | SinkError::SchemaRejected { .. },
+            ) => "schema_registry",
+            PipelineError::Kafka(_) | PipelineError::Delivery(_) => "kafka",
+            PipelineError::Checkpoint(_) => "checkpoint_store",
+        }
+    }
+}
+
+/// What one pipeline needs.
+pub struct PipelineConfig {
+    pub source: PostgresSourceConfig,
+    pub kafka: KafkaSettings,
+    pub topics: TopicSettings,
+}
+
+/// Items the acker handles in order.
+enum AckItem {
+    Deliveries(Vec<Delivery>),
+    /// Everything before this is in the WAL up to `lsn`: confirm once delivered.
+    Position(Lsn),
+    SnapshotDone(Lsn),
+}
+
+/// How often the confirmed position is written to the checkpoint store at most.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// Runs the pipeline until `shutdown` turns true, restarting it with exponential backoff
+/// (1 s doubling to 60 s) after failures. Never returns an error: failures are logged, counted
+/// and retried, and nothing is confirmed that Kafka has not stored.
+pub async fn supervise(
+    cfg: PipelineConfig,
+    store: Arc<CheckpointStore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name = cfg.source.name.clone();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let span = tracing::info_span!("source", connector = %name);
+        let result =
+            tracing::Instrument::instrument(run_once(&cfg, &store, shutdown.clone()), span).await;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                metrics::counter!("bitclone9_pipeline_restarts_total", "connector" => name.clone(), "component" => e.component()).increment(1);
+                if started.elapsed() > Duration::from_secs(120) {
+                    backoff = Duration::from_secs(1);
+                }
+                let transient = match &e {
+                    PipelineError::Source(s) => s.is_transient(),
+                    PipelineError::Kafka(k) => k.is_transient(),
+                    _ => true,
+                };
+                tracing::error!(connector = %name, component = e.component(), transient, retry_in = ?backoff, "pipeline stopped: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn run_once(
+    cfg: &PipelineConfig,
+    store: &Arc<CheckpointStore>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    if *shutdown.borrow() {
+        return Ok(());
+    }
+    let name = cfg.source.name.clone();
+    let resume = store.load_source(&name)?;
+    tracing::info!(connector = %name, lsn = ?resume.lsn.map(|l| l.to_string()), snapshot_done = resume.snapshot_done, "starting pipeline");
+    let info = SourceInfo {
+        name: name.clone(),
+        db: cfg.source.database.clone(),
+    };
+    let mut writer = EventWriter::connect(&cfg.kafka, cfg.topics.clone(), info).await?;
+    let mut source = PostgresSource::start(cfg.source.clone(), resume).await?;
+
+    let (ack_tx, ack_rx) = mpsc::channel::<AckItem>(256);
+    let mut acker = tokio::spawn(acker(
+        name.clone(),
+        ack_rx,
+        store.clone(),
+        source.ack_handle(),
+    ));
+
+    let labels_op = |op: Op| [("connector", name.clone()), ("op", op.code().to_string())];
+    let events_c = metrics::counter!("bitclone9_source_events_total", &labels_op(Op::Insert));
+    let events_u = metrics::counter!("bitclone9_source_events_total", &labels_op(Op::Update));
+    let events_d = metrics::counter!("bitclone9_source_events_total", &labels_op(Op::Delete));
+    let events_t = metrics::counter!("bitclone9_source_events_total", &labels_op(Op::Truncate));
+    let events_r = metrics::counter!("bitclone9_source_events_total", &labels_op(Op::Read));
+    let records =
+        metrics::counter!("bitclone9_kafka_records_sent_total", "connector" => name.clone());
+
+    let mut events = Vec::with_capacity(4096);
+    let mut deliveries: Vec<Delivery> = Vec::with_capacity(4096);
+    let mut last_position = None;
+    let result: Result<(), PipelineError> = loop {
+        events.clear();
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => break Ok(()),
+            done = &mut acker => {
+                break Err(match done {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => PipelineError::Delivery("acknowledgement task ended".into()),
+                    Err(e) => PipelineError::Delivery(format!("acknowledgement task failed: {e}")),
+                });
+            }
+            r = source.next_batch(&mut events) => {
+                if let Err(e) = r {
+                    break Err(e.into());
+                }
+            }
+        }
+        let now = now_ms();
+        let mut counts = [0u64; 5];
+        let mut failed = None;
+        for ev in events.drain(..) {
+            match ev {
+                SourceEvent::Change(change) => {
+                    counts[change.op as usize] += 1;
+                    if writer.needs_prepare(&change.table) {
+                        if let Err(e) = writer.prepare(&change.table).await {
+                            failed = Some(e.into());
+                            break;
+                        }
+                    }
+                    if let Err(e) = writer.send(&change, now, &mut deliveries).await {
+                        failed = Some(e.into());
+                        break;
+                    }
+                }
+                SourceEvent::Commit { end_lsn: lsn } | SourceEvent::Progress { lsn } => {
+                    if !deliveries.is_empty() {
+                        records.increment(deliveries.len() as u64);
+                        let _ = ack_tx
+                            .send(AckItem::Deliveries(std::mem::take(&mut deliveries)))
+                            .await;
+                    }
+                    if last_position < Some(lsn) {
+                        last_position = Some(lsn);
+                        let _ = ack_tx.send(AckItem::Position(lsn)).await;
+                    }
+                }
+                SourceEvent::SnapshotDone { consistent_point } => {
+                    if !deliveries.is_empty() {
+                        records.increment(deliveries.len() as u64);
+                        let _ = ack_tx
+                            .send(AckItem::Deliveries(std::mem::take(&mut deliveries)))
+                            .await;
+                    }
+                    let _ = ack_tx.send(AckItem::SnapshotDone(consistent_point)).await;
+                }
+            }
+        }
+        if !deliveries.is_empty() {
+            records.increment(deliveries.len() as u64);
+            let _ = ack_tx
+                .send(AckItem::Deliveries(std::mem::take(&mut deliveries)))
+                .await;
+        }
+        events_c.increment(counts[Op::Insert as usize]);
+        events_u.increment(counts[Op::Update as usize]);
+        events_d.increment(counts[Op::Delete as usize]);
+        events_t.increment(counts[Op::Truncate as usize]);
+        events_r.increment(counts[Op::Read as usize]);
+        if let Some(e) = failed {
+            break Err(e);
+        }
+    };
+
+    // Stop reading; let every record already handed to librdkafka be acknowledged, then
+    // checkpoint and confirm the last position they cover.
+    drop(ack_tx);
+    let final_lsn = if result.is_ok() {
+        let _ = writer.flush(Duration::from_secs(30));
+        match tokio::time::timeout(Duration::from_secs(30), &mut acker).await {
+            Ok(Ok(Ok(()))) => store.load_source(&name)?.lsn,
+            Ok(Ok(Err(e))) => return Err(e),
+            _ => None,
+        }
+    } else {
+        acker.abort();
+        None
+    };
+    tracing::info!(connector = %name, lsn = ?final_lsn.map(|l| l.to_string()), "pipeline stopped");
+    source.shutdown(final_lsn).await;
+    result
+}
+
+/// Awaits deliveries in order; checkpoints and confirms positions they cover.
+async fn acker(
+    name: String,
+    mut rx: mpsc::Receiver<AckItem>,
+    store: Arc<CheckpointStore>,
+    ack: AckHandle,
+) -> Result<(), PipelineError> {
+    let confirmed = metrics::gauge!("bitclone9_source_confirmed_lsn", "connector" => name.clone());
+    let mut pending: Option<Lsn> = None;
+    let mut last_write = Instant::now();
+    let flush = |lsn: Lsn| -> Result<(), PipelineError> {
+        store.save_source_lsn(&name, lsn)?;
+        ack.ack(lsn);
+        confirmed.set(lsn.0 as f64);
+        Ok(())
+    };
+    loop {
+        let item = if pending.is_some() {
+            // Checkpoint a pending position when the stream pauses.
+            match tokio::time::timeout(CHECKPOINT_EVERY, rx.recv()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    if let Some(lsn) = pending.take() {
+                        flush(lsn)?;
+                        last_write = Instant::now();
+                    }
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(item) = item else { break };
+        match item {
+            AckItem::Deliveries(batch) => {
+                for d in batch {
+                    match d.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err((e, msg))) => {
+                            use rdkafka::message::Message;
+                            return Err(PipelineError::Delivery(format!(
+                                "topic {}: {e}",
+                                msg.topic()
+                            )));
+                        }
+                        Err(_) => {
+                            return Err(PipelineError::Delivery(
+                                "producer dropped a delivery".into(),
+                            ))
+                        }
+                    }
+                }
+            }
+            AckItem::Position(lsn) => {
+                pending = Some(lsn);
+                if last_write.elapsed() >= CHECKPOINT_EVERY {
+                    flush(lsn)?;
+                    pending = None;
+                    last_write = Instant::now();
+                }
+            }
+            AckItem::SnapshotDone(lsn) => {
+                store.mark_snapshot_done(&name, lsn)?;
+                tracing::info!(connector = %name, lsn = %lsn, "snapshot delivered and recorded");
+            }
+        }
+    }
+    if let Some(lsn) = pending {
+        flush(lsn)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,64 @@
+# Shared settings of BitClone9's scripts: where things live and which ports the local stack uses.
+# Sourced by scripts/stack, scripts/test, scripts/quickstart and bench/run.
+
+BC9_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export BC9_ROOT
+# Downloads and build output survive fresh clones: they live in the user's cache, not in the project.
+export BC9_CACHE="${BC9_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bitclone9}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$BC9_CACHE/target}"
+# Running services keep their data in a git-ignored folder of the project.
+export BC9_STACK_DIR="${BC9_STACK_DIR:-$BC9_ROOT/.stack}"
+
+export BC9_PG_PORT="${BC9_PG_PORT:-5433}"
+export BC9_KAFKA_PORT="${BC9_KAFKA_PORT:-9092}"
+export BC9_KAFKA_CONTROLLER_PORT="${BC9_KAFKA_CONTROLLER_PORT:-$((BC9_KAFKA_PORT + 1))}"
+export BC9_REGISTRY_PORT="${BC9_REGISTRY_PORT:-8081}"
+export BC9_REGISTRY_MGMT_PORT="${BC9_REGISTRY_MGMT_PORT:-$((BC9_REGISTRY_PORT + 920))}"
+
+# What the stack gives its users (tests, quickstart, benchmarks).
+export BC9_PG_SUPERUSER=postgres
+export BC9_PG_SUPERPASS="${BC9_PG_SUPERPASS:-bitclone9-admin}"
+export BC9_PG_USER=bitclone9
+export BC9_PG_PASSWORD="${BC9_PG_PASSWORD:-bitclone9}"
+export BC9_KAFKA_BOOTSTRAP="127.0.0.1:${BC9_KAFKA_PORT}"
+export BC9_REGISTRY_URL="http://127.0.0.1:${BC9_REGISTRY_PORT}/apis/ccompat/v7"
+
+KAFKA_VERSION=4.1.1
+APICURIO_VERSION=3.3.3
+PG_MAJOR=15
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Runs a command as root, with sudo when not root already.
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Installs Debian packages that are missing (one apt-get update per run, only when needed).
+apt_ensure() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# Makes sure a Rust toolchain with rustfmt and clippy is on PATH.
+rust_ensure() {
+  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+  if ! command -v cargo >/dev/null 2>&1; then
+    command -v rustup >/dev/null 2>&1 || die "cargo and rustup are missing: install Rust (rustup) first"
+    rustup default stable
+  fi
+  if command -v rustup >/dev/null 2>&1; then
+    rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
+    rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
+  fi
+}
+
+# Everything a build of BitClone9 needs from Debian: clang for RocksDB's bindings, OpenSSL headers for the
+# registry client, a C++ compiler for the bundled RocksDB and librdkafka.
+build_deps_ensure() {
+  apt_ensure build-essential pkg-config clang libclang-dev libssl-dev cmake curl
+  rust_ensure
+}
