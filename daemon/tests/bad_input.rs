@@ -1,0 +1,252 @@
+//! Bad configuration, misconfigured servers and unreachable services: each gets a clear message
+//! naming what is at fault, a documented exit code, and no crash loop.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn check(config_text: &str, connect: bool) -> (Option<i32>, String) {
+    let dir = std::env::temp_dir().join(unique("bc9cfg"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, config_text).expect("write");
+    let mut cmd = Command::new(bin());
+    cmd.arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env("TEST_PG_PASSWORD", stack().pg_password);
+    if connect {
+        cmd.arg("--connect");
+    }
+    let out = cmd.output().expect("run bitclone9 check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+fn good_config(db: &str, user: &str) -> String {
+    let s = stack();
+    format!(
+        r#"[kafka]
+bootstrap_servers = "{}"
+schema_registry_url = "{}"
+[sources.x]
+type = "postgres"
+host = "127.0.0.1"
+port = {}
+user = "{user}"
+password = "${{TEST_PG_PASSWORD}}"
+database = "{db}"
+"#,
+        s.bootstrap, s.registry_url, s.pg_port
+    )
+}
+
+#[test]
+fn config_errors_name_file_key_and_expectation_with_exit_2() {
+    let base = good_config("postgres", "bitclone9");
+    let cases = [
+        (
+            base.replace("TEST_PG_PASSWORD", "BC9_SURELY_UNSET_VAR"),
+            vec!["sources.x.password", "BC9_SURELY_UNSET_VAR", "not set"],
+        ),
+        (
+            format!("{base}colour = \"red\"\n"),
+            vec!["sources.x.colour", "unknown field"],
+        ),
+        (
+            base.replace(&format!("port = {}", stack().pg_port), "port = \"five\""),
+            vec!["sources.x.port", "expected u16"],
+        ),
+        (
+            format!("{base}snapshot = \"sometimes\"\n"),
+            vec!["sources.x.snapshot", "initial", "never"],
+        ),
+        (
+            format!("{base}[sources.x.topics]\npartitions = 0\n"),
+            vec!["sources.x.topics.partitions", "at least 1"],
+        ),
+        (
+            format!("{base}include = [\"orders\"]\n"),
+            vec!["sources.x.include", "schema.table"],
+        ),
+        (
+            base.replace("[kafka]", "[kafka\n"),
+            vec!["bad.toml", "not valid TOML"],
+        ),
+    ];
+    for (text, needles) in cases {
+        let (code, out) = check(&text, false);
+        assert_eq!(code, Some(2), "exit code 2 for: {out}");
+        assert!(out.contains("bad.toml"), "names the file: {out}");
+        for n in needles {
+            assert!(out.contains(n), "message mentions {n:?}: {out}");
+        }
+    }
+    let (code, out) = check(&base, false);
+    assert_eq!(code, Some(0), "a good file passes: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_connect_reports_each_service_and_server_misconfiguration() {
+    let db = unique("chk");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE ok_table (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+
+    let (code, out) = check(&good_config(&db, &stack().pg_user), true);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("kafka")
+            && out.contains("schema registry")
+            && out.contains("1 table(s) to capture"),
+        "{out}"
+    );
+
+    // A table whose updates could not be captured is refused with the fix.
+    client
+        .batch_execute("CREATE TABLE no_key (v int)")
+        .await
+        .expect("table");
+    let (code, out) = check(&good_config(&db, &stack().pg_user), true);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("public.no_key") && out.contains("REPLICA IDENTITY FULL"),
+        "{out}"
+    );
+    client
+        .batch_execute("DROP TABLE no_key")
+        .await
+        .expect("drop");
+
+    // A role without the replication privilege is refused with the fix.
+    let role = unique("norepl");
+    admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{}'",
+            stack().pg_password
+        ))
+        .await
+        .expect("role");
+    let (code, out) = check(&good_config(&db, &role), true);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("ALTER ROLE \"{role}\" REPLICATION")),
+        "{out}"
+    );
+
+    // Unreachable services are named.
+    let s = stack();
+    let broken = good_config(&db, &s.pg_user)
+        .replace(&s.bootstrap, "127.0.0.1:1")
+        .replace(&s.registry_url, "http://127.0.0.1:1/apis/ccompat/v7")
+        .replace(&format!("port = {}", s.pg_port), "port = 1")
+        .replace("[kafka]", "[kafka]\nrequest_timeout = \"2s\"");
+    let (code, out) = check(&broken, true);
+    assert_eq!(code, Some(1), "{out}");
+    for needle in [
+        "kafka 127.0.0.1:1: FAILED",
+        "schema registry http://127.0.0.1:1/apis/ccompat/v7: FAILED",
+        "127.0.0.1:1/",
+    ] {
+        assert!(out.contains(needle), "names {needle:?}: {out}");
+    }
+    assert!(out.contains("FAILED: cannot reach PostgreSQL"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_services_are_retried_with_backoff_and_named() {
+    let s = stack();
+    let db = unique("unreach");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+
+    for (what, kafka_extra, replace_from, replace_to, component) in [
+        (
+            "kafka",
+            "request_timeout = \"1s\"",
+            s.bootstrap.clone(),
+            "127.0.0.1:1".to_string(),
+            "component=\"kafka\"",
+        ),
+        (
+            "registry",
+            "request_timeout = \"1s\"",
+            s.registry_url.clone(),
+            "http://127.0.0.1:1/apis/ccompat/v7".to_string(),
+            "component=\"schema_registry\"",
+        ),
+        (
+            "postgres",
+            "",
+            format!("port = {}", s.pg_port),
+            "port = 1".to_string(),
+            "component=\"postgres\"",
+        ),
+    ] {
+        let spec = SourceSpec::new(&db);
+        let (cfg, _dir) = write_config(&spec, kafka_extra);
+        let text = std::fs::read_to_string(&cfg)
+            .expect("read")
+            .replace(&replace_from, &replace_to);
+        std::fs::write(&cfg, text).expect("write");
+        let mut daemon = Daemon::start(&cfg, what);
+        daemon
+            .wait_log("retry_in=2s", Duration::from_secs(60))
+            .await;
+        assert!(
+            daemon.is_running(),
+            "{what}: the daemon keeps running and retrying"
+        );
+        let log = daemon.log_text();
+        assert!(
+            log.contains(component),
+            "{what}: the log names the component: {log}"
+        );
+        assert!(
+            log.contains("retry_in=1s") && log.contains("retry_in=2s"),
+            "{what}: backoff grows: {log}"
+        );
+        assert_eq!(
+            daemon.terminate(),
+            Some(0),
+            "{what}: stops cleanly while retrying"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_held_by_another_process_is_refused_with_the_reason() {
+    let db = unique("held");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+    let spec = SourceSpec::new(&db);
+    let (cfg_a, _dir_a) = write_config(&spec, "");
+    let (cfg_b, _dir_b) = write_config(&spec, "");
+    let mut a = Daemon::start(&cfg_a, "a");
+    a.wait_log("streaming started", Duration::from_secs(60))
+        .await;
+    let mut b = Daemon::start(&cfg_b, "b");
+    b.wait_log("is in use", Duration::from_secs(60)).await;
+    assert!(
+        b.is_running(),
+        "the second daemon retries instead of crashing"
+    );
+    assert!(a.is_running());
+    assert_eq!(b.terminate(), Some(0));
+    assert_eq!(a.terminate(), Some(0));
+}
