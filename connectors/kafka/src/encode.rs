@@ -266,7 +266,10 @@ mod tests {
         assert_eq!(bytes[0], 0, "magic byte");
         assert_eq!(&bytes[1..5], &id.to_be_bytes(), "schema id");
         let mut rest = &bytes[5..];
-        let v = apache_avro::from_avro_datum(&schema, &mut rest, None).expect("datum decodes");
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .expect("reader");
+        let v = reader.read_value(&mut rest).expect("datum decodes");
         assert!(rest.is_empty(), "no trailing bytes");
         v
     }

@@ -98,7 +98,7 @@ pub enum SourceError {
     Value {
         table: TableId,
         column: String,
-        error: types::ValueError,
+        error: Box<types::ValueError>,
     },
     #[error("WAL refers to relation {0} before describing it")]
     UnknownRelation(u32),
@@ -192,7 +192,7 @@ async fn connect_sql(cfg: &PostgresSourceConfig) -> Result<tokio_postgres::Clien
         .user(&cfg.user)
         .password(&cfg.password)
         .dbname(&cfg.database)
-        .application_name(&format!("bitclone9-{}", cfg.name))
+        .application_name(format!("bitclone9-{}", cfg.name))
         .connect_timeout(cfg.connect_timeout)
         .options(session_options());
     let (sql, conn) =
@@ -780,16 +780,16 @@ fn parse_tuple(table: &TableSchema, tuple: &[TupleValue]) -> Result<Row, SourceE
                 let text = std::str::from_utf8(b).map_err(|_| SourceError::Value {
                     table: table.id.clone(),
                     column: col.name.clone(),
-                    error: types::ValueError {
+                    error: Box::new(types::ValueError {
                         ty: col.pg_type.clone(),
                         text: String::from_utf8_lossy(b).into_owned(),
                         why: "not UTF-8",
-                    },
+                    }),
                 })?;
                 types::parse_text(&col.ty, text).map_err(|error| SourceError::Value {
                     table: table.id.clone(),
                     column: col.name.clone(),
-                    error,
+                    error: Box::new(error),
                 })
             }
         })
@@ -819,7 +819,7 @@ fn parse_copy_line(table: &TableSchema, line: &[u8]) -> Result<Row, SourceError>
             types::parse_text(&col.ty, text).map_err(|error| SourceError::Value {
                 table: table.id.clone(),
                 column: col.name.clone(),
-                error,
+                error: Box::new(error),
             })?,
         );
     }
