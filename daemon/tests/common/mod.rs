@@ -395,13 +395,9 @@ pub async fn consume(topic: &str, min: usize, idle: Duration, timeout: Duration)
                 raw.push(m);
                 last = Instant::now();
             }
-            Some(Err(e)) => {
-                // A topic not created yet reports an error at first; keep polling.
-                if !e.to_string().contains("UnknownTopic") {
-                    eprintln!("consumer: {e}");
-                }
-            }
-            None => {}
+            // A topic not created yet reports an error at first; keep polling.
+            Some(Err(e)) if !e.to_string().contains("UnknownTopic") => eprintln!("consumer: {e}"),
+            _ => {}
         }
     }
     let mut out = Vec::with_capacity(raw.len());
