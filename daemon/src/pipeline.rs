@@ -229,7 +229,7 @@ async fn run_once(
     // checkpoint and confirm the last position they cover.
     drop(ack_tx);
     let final_lsn = if result.is_ok() {
-        let _ = writer.flush(Duration::from_secs(30));
+        let _ = tokio::task::block_in_place(|| writer.flush(Duration::from_secs(30)));
         match tokio::time::timeout(Duration::from_secs(30), &mut acker).await {
             Ok(Ok(Ok(()))) => store.load_source(&name)?.lsn,
             Ok(Ok(Err(e))) => return Err(e),

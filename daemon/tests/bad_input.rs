@@ -160,6 +160,21 @@ async fn check_connect_reports_each_service_and_server_misconfiguration() {
         assert!(out.contains(needle), "names {needle:?}: {out}");
     }
     assert!(out.contains("FAILED: cannot reach PostgreSQL"), "{out}");
+
+    // librdkafka settings pass through, and a wrong one is named.
+    let bad_setting = good_config(&db, &s.pg_user).replace(
+        "[sources.x]",
+        "[kafka.producer]\n\"no.such.setting\" = \"1\"\n[sources.x]",
+    );
+    let (code, out) = check(&bad_setting, true);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("no.such.setting"), "names the setting: {out}");
+    cleanup(&db).await;
+    admin()
+        .await
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .expect("drop role");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,6 +239,7 @@ async fn unreachable_services_are_retried_with_backoff_and_named() {
             "{what}: stops cleanly while retrying"
         );
     }
+    cleanup(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,4 +265,89 @@ async fn a_slot_held_by_another_process_is_refused_with_the_reason() {
     assert!(a.is_running());
     assert_eq!(b.terminate(), Some(0));
     assert_eq!(a.terminate(), Some(0));
+    cleanup(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_a_service_was_unreachable_arrive_once_it_is_back() {
+    let s = stack();
+    let db = unique("outage");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+        .await
+        .expect("table");
+    let registry_port: u16 = s
+        .registry_url
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("registry URL on 127.0.0.1");
+    let pg_gate = Gate::start(s.pg_port, true).await;
+    let registry_gate = Gate::start(registry_port, false).await;
+
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "request_timeout = \"2s\"");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace(
+            &format!("port = {}", s.pg_port),
+            &format!("port = {}", pg_gate.port),
+        )
+        .replace(
+            &format!("127.0.0.1:{registry_port}/"),
+            &format!("127.0.0.1:{}/", registry_gate.port),
+        );
+    std::fs::write(&cfg, text).expect("write");
+
+    // The registry is down at start: the daemon waits and retries; rows are written meanwhile.
+    let mut daemon = Daemon::start(&cfg, "daemon");
+    daemon
+        .wait_log("component=\"schema_registry\"", Duration::from_secs(60))
+        .await;
+    client
+        .batch_execute("INSERT INTO t SELECT g, 'before registry' FROM generate_series(1, 100) g")
+        .await
+        .expect("insert");
+    registry_gate.set_open(true);
+    daemon
+        .wait_log("streaming started", Duration::from_secs(60))
+        .await;
+
+    // PostgreSQL drops away mid-stream; rows are written (directly) while the daemon retries.
+    client
+        .batch_execute("INSERT INTO t SELECT g, 'streamed' FROM generate_series(101, 200) g")
+        .await
+        .expect("insert");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg_gate.set_open(false);
+    daemon
+        .wait_log("component=\"postgres\"", Duration::from_secs(60))
+        .await;
+    client
+        .batch_execute("INSERT INTO t SELECT g, 'during outage' FROM generate_series(201, 300) g")
+        .await
+        .expect("insert");
+    pg_gate.set_open(true);
+
+    let records = consume(
+        &spec.topic("t"),
+        300,
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+    )
+    .await;
+    let ids: std::collections::BTreeSet<i64> =
+        records.iter().filter_map(|r| r.key_long("id")).collect();
+    assert_eq!(
+        ids.len(),
+        300,
+        "every row written around the outages is on Kafka"
+    );
+    assert_eq!(ids.first(), Some(&1));
+    assert_eq!(ids.last(), Some(&300));
+    assert!(daemon.is_running());
+    assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
 }

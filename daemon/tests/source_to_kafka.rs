@@ -145,20 +145,28 @@ async fn every_operation_and_type_arrives_exactly() {
         .await
         .expect("truncate");
 
-    // r, c, u, u(key change), d, tombstone, t
-    let records = consume(&spec.topic("all_types"), 7, SECS(3), SECS(60)).await;
+    // r, c, u, u(key change), tombstone(old key), d, tombstone, t
+    let records = consume(&spec.topic("all_types"), 8, SECS(3), SECS(60)).await;
     let ops: Vec<Option<String>> = records.iter().map(|r| r.op()).collect();
     assert_eq!(
         ops,
-        ["r", "c", "u", "u", "d"]
-            .iter()
-            .map(|s| Some(s.to_string()))
-            .chain([None, Some("t".to_string())])
-            .collect::<Vec<_>>(),
+        [
+            Some("r"),
+            Some("c"),
+            Some("u"),
+            Some("u"),
+            None,
+            Some("d"),
+            None,
+            Some("t")
+        ]
+        .iter()
+        .map(|s| s.map(str::to_string))
+        .collect::<Vec<_>>(),
         "operations in order (None is the tombstone)"
     );
-    let [read, ins, upd, rekey, del, tomb, trunc] = &records[..] else {
-        panic!("seven records expected, got {}", records.len())
+    let [read, ins, upd, rekey, old_key_tomb, del, tomb, trunc] = &records[..] else {
+        panic!("eight records expected, got {}", records.len())
     };
 
     // Snapshot read: the full row, marked as the last snapshot row, no transaction id.
@@ -209,6 +217,9 @@ async fn every_operation_and_type_arrives_exactly() {
     assert_eq!(before["id"], Avro::Long(2));
     assert_eq!(before["t"], Avro::Null);
     assert_eq!(rekey.row("after").expect("after")["id"], Avro::Long(3));
+    // ... and the old key is closed with a tombstone, so compaction cannot keep a stale row.
+    assert!(old_key_tomb.value.is_none());
+    assert_eq!(old_key_tomb.key_long("id"), Some(2));
 
     // Delete: old key in before, no after; then a tombstone with the same key.
     assert_eq!(del.key_long("id"), Some(1));
@@ -227,6 +238,7 @@ async fn every_operation_and_type_arrives_exactly() {
         Some(0),
         "SIGTERM stops cleanly with exit 0"
     );
+    cleanup(&db).await;
 }
 
 /// Applies events in order to a key → row-value map (the "final state on Kafka").
@@ -332,12 +344,28 @@ async fn snapshot_taken_during_writes_matches_the_table() {
     let writer = start_writer(db.clone(), stop_rx);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let spec = SourceSpec::new(&db);
+    let mut spec = SourceSpec::new(&db);
+    spec.extra = "[sources.SRC.topics]\npartitions = 3\ncleanup_policy = \"compact,delete\"\n[sources.SRC.topics.config]\n\"retention.ms\" = \"3600000\"".replace("SRC", &db);
     let (cfg, _dir) = write_config(&spec, "");
     let mut daemon = Daemon::start(&cfg, "daemon");
     daemon
         .wait_log("snapshot delivered and recorded", SECS(120))
         .await;
+    let topic = spec.topic("t");
+    assert_eq!(
+        topic_partitions(&topic).await,
+        3,
+        "created with the configured partitions"
+    );
+    let configs = topic_configs(&topic).await;
+    assert_eq!(
+        configs.get("cleanup.policy").map(String::as_str),
+        Some("compact,delete")
+    );
+    assert_eq!(
+        configs.get("retention.ms").map(String::as_str),
+        Some("3600000")
+    );
     tokio::time::sleep(SECS(2)).await;
     stop_tx.send(true).expect("stop writer");
     let writes = writer.await.expect("writer");
@@ -365,6 +393,7 @@ async fn snapshot_taken_during_writes_matches_the_table() {
         "final state on Kafka equals the table"
     );
     assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
 }
 
 /// Transactions seen by a test_decoding slot: (commit end LSN, ids inserted).
@@ -501,6 +530,7 @@ async fn sigkill_during_load_loses_nothing_and_never_confirms_ahead_of_kafka() {
         .query("SELECT pg_drop_replication_slot($1)", &[&observer])
         .await
         .expect("drop observer");
+    cleanup(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -563,6 +593,7 @@ async fn unchanged_toast_is_flagged_never_faked() {
     assert_eq!(after(&records[2])["body"], Avro::String(body));
     assert!(unchanged(&records[2]).is_empty());
     assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,4 +646,6 @@ async fn idle_captured_database_does_not_hold_wal() {
         tokio::time::sleep(SECS(2)).await;
     }
     assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
+    cleanup(&busy).await;
 }

@@ -114,22 +114,25 @@ fn write_row(buf: &mut Vec<u8>, table: &TableSchema, row: &Row) -> Result<(), En
     Ok(())
 }
 
-/// Encodes the key record of a change (its key columns, from the new row, else the old one).
-/// Returns `Ok(false)` and writes nothing when the table has no key or the change has no row.
-pub fn encode_key(buf: &mut Vec<u8>, schema_id: u32, change: &Change) -> Result<bool, EncodeError> {
-    let table = &change.table;
-    if !table.has_key() || change.key_row().is_none() {
+/// Encodes the key record of `table` from `rows`, taking each key column's value from the first
+/// row that has it (for a change: the new row, else the old one). Returns `Ok(false)` and writes
+/// nothing when the table has no key or there is no row.
+pub fn encode_key(
+    buf: &mut Vec<u8>,
+    schema_id: u32,
+    table: &TableSchema,
+    rows: &[Option<&Row>],
+) -> Result<bool, EncodeError> {
+    if !table.has_key() || rows.iter().all(Option::is_none) {
         return Ok(false);
     }
     write_header(buf, schema_id);
     for i in table.key_indexes() {
-        fn pick(row: &Option<Row>, i: usize) -> Option<&Value> {
-            row.as_ref()
-                .map(|r| &r[i])
-                .filter(|v| !matches!(v, Value::Null | Value::UnchangedToast))
-        }
-        let v = pick(&change.after, i)
-            .or_else(|| pick(&change.before, i))
+        let v = rows
+            .iter()
+            .flatten()
+            .map(|r| &r[i])
+            .find(|v| !matches!(v, Value::Null | Value::UnchangedToast))
             .ok_or_else(|| EncodeError::MissingKey {
                 table: table.id.to_string(),
                 column: table.columns[i].name.clone(),
@@ -387,7 +390,13 @@ mod tests {
         assert_eq!(field(after, "big"), &Avro::Union(0, Box::new(Avro::Null)));
 
         let mut key = Vec::new();
-        assert!(encode_key(&mut key, 3, &change).expect("key encodes"));
+        assert!(encode_key(
+            &mut key,
+            3,
+            &table,
+            &[change.after.as_ref(), change.before.as_ref()]
+        )
+        .expect("key encodes"));
         let k = decode(
             &schema::key_schema(&table, topic).expect("has key"),
             &key,

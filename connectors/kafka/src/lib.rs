@@ -78,6 +78,13 @@ pub struct TopicSettings {
 }
 
 impl TopicSettings {
+    /// Whether created topics use log compaction (which refuses records without a key).
+    pub fn compacted(&self) -> bool {
+        self.config
+            .iter()
+            .any(|(k, v)| k == "cleanup.policy" && v.contains("compact"))
+    }
+
     pub fn topic_for(&self, table: &TableSchema) -> String {
         format!("{}.{}.{}", self.prefix, table.id.schema, table.id.name)
     }
@@ -169,6 +176,8 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
 
 /// Where and how one table's events are written.
 struct TableTarget {
+    /// The shape last prepared; comparing pointers first keeps the per-event check cheap.
+    schema: Arc<TableSchema>,
     fingerprint: u64,
     topic: Arc<str>,
     key_schema_id: Option<u32>,
@@ -185,6 +194,7 @@ pub struct EventWriter {
     source: SourceInfo,
     targets: HashMap<u32, TableTarget>,
     key_buf: Vec<u8>,
+    old_key_buf: Vec<u8>,
     value_buf: Vec<u8>,
     bootstrap: String,
     timeout: Duration,
@@ -242,6 +252,7 @@ impl EventWriter {
             source,
             targets: HashMap::new(),
             key_buf: Vec::with_capacity(256),
+            old_key_buf: Vec::with_capacity(256),
             value_buf: Vec::with_capacity(4096),
             bootstrap: settings.bootstrap_servers.clone(),
             timeout: settings.request_timeout,
@@ -249,15 +260,28 @@ impl EventWriter {
     }
 
     /// Whether `table` (in this shape) still needs [`prepare`](Self::prepare).
-    pub fn needs_prepare(&self, table: &TableSchema) -> bool {
-        self.targets
-            .get(&table.relation_id)
-            .is_none_or(|t| t.fingerprint != table.fingerprint())
+    pub fn needs_prepare(&mut self, table: &Arc<TableSchema>) -> bool {
+        match self.targets.get_mut(&table.relation_id) {
+            None => true,
+            Some(t) if Arc::ptr_eq(&t.schema, table) => false,
+            Some(t) if t.fingerprint == table.fingerprint() => {
+                // The same shape described again (e.g. snapshot, then stream).
+                t.schema = table.clone();
+                false
+            }
+            Some(_) => true,
+        }
     }
 
     /// Creates the table's topic when missing and registers its schemas for this shape.
-    pub async fn prepare(&mut self, table: &TableSchema) -> Result<(), SinkError> {
+    pub async fn prepare(&mut self, table: &Arc<TableSchema>) -> Result<(), SinkError> {
         let topic = self.topics.topic_for(table);
+        if self.topics.compacted() && !table.has_key() {
+            return Err(SinkError::Config(format!(
+                "table {} has no primary key or replica identity index, so its events have no Kafka key and cannot go to the compacted topic {topic}: set cleanup_policy = \"delete\" for this source, give the table a primary key, or exclude it",
+                table.id
+            )));
+        }
         let known_topic = self.targets.values().any(|t| *t.topic == *topic);
         let partitions = if known_topic {
             self.targets
@@ -281,6 +305,7 @@ impl EventWriter {
         self.targets.insert(
             table.relation_id,
             TableTarget {
+                schema: table.clone(),
                 fingerprint: table.fingerprint(),
                 topic: topic.into(),
                 key_schema_id,
@@ -365,8 +390,14 @@ impl EventWriter {
                 })?;
         self.key_buf.clear();
         self.value_buf.clear();
+        let table = &change.table;
         let has_key = match target.key_schema_id {
-            Some(id) => encode::encode_key(&mut self.key_buf, id, change)?,
+            Some(id) => encode::encode_key(
+                &mut self.key_buf,
+                id,
+                table,
+                &[change.after.as_ref(), change.before.as_ref()],
+            )?,
             None => false,
         };
         encode::encode_envelope(
@@ -379,6 +410,12 @@ impl EventWriter {
         let key = has_key.then_some(self.key_buf.as_slice());
         let topic = target.topic.clone();
         if change.op == Op::Truncate {
+            if self.topics.compacted() {
+                // A truncate has no key, and compacted topics refuse records without one.
+                tracing::warn!(table = %table.id, topic = %topic, "truncate not written: the topic is compacted and a truncate event has no key");
+                metrics::counter!("bitclone9_kafka_truncates_not_written_total", "topic" => topic.to_string()).increment(1);
+                return Ok(());
+            }
             for partition in 0..target.partitions {
                 let rec = FutureRecord::<[u8], [u8]>::to(&topic)
                     .payload(&self.value_buf)
@@ -387,17 +424,29 @@ impl EventWriter {
             }
             return Ok(());
         }
+        // An update that changed the key leaves the old key behind: close it with a tombstone.
+        self.old_key_buf.clear();
+        let old_key = match (change.op, target.key_schema_id, &change.before) {
+            (Op::Update, Some(id), Some(before)) => {
+                encode::encode_key(&mut self.old_key_buf, id, table, &[Some(before)])?
+                    && self.old_key_buf != self.key_buf
+            }
+            _ => false,
+        };
         let mut rec = FutureRecord::<[u8], [u8]>::to(&topic).payload(&self.value_buf);
         if let Some(k) = key {
             rec = rec.key(k);
         }
         deliveries.push(enqueue(&self.producer, rec).await?);
-        if change.op == Op::Delete {
-            if let Some(k) = key {
-                // The tombstone lets log compaction drop the key.
-                let rec = FutureRecord::<[u8], [u8]>::to(&topic).key(k);
-                deliveries.push(enqueue(&self.producer, rec).await?);
-            }
+        // The tombstone lets log compaction drop the key.
+        let tombstone = match change.op {
+            Op::Delete => key,
+            Op::Update if old_key => Some(self.old_key_buf.as_slice()),
+            _ => None,
+        };
+        if let Some(k) = tombstone {
+            let rec = FutureRecord::<[u8], [u8]>::to(&topic).key(k);
+            deliveries.push(enqueue(&self.producer, rec).await?);
         }
         Ok(())
     }

@@ -140,7 +140,7 @@ pub async fn ensure_publication(
     if !exists {
         let list: Vec<String> = tables.iter().map(quote_table).collect();
         let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
             quote_ident(name),
             list.join(", ")
         );
@@ -281,7 +281,8 @@ pub async fn describe_columns(
         .collect())
 }
 
-/// The key columns of a table: its primary key, else its replica identity index.
+/// The key columns of a table: its replica identity index when it has one (deletes carry exactly
+/// those columns), else its primary key.
 pub async fn key_columns(client: &Client, relation_id: u32) -> Result<Vec<String>, SourceError> {
     let rows = client
         .query(
@@ -289,7 +290,7 @@ pub async fn key_columns(client: &Client, relation_id: u32) -> Result<Vec<String
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
              WHERE i.indrelid = $1 AND i.indexrelid = (
                SELECT indexrelid FROM pg_index WHERE indrelid = $1 AND (indisprimary OR indisreplident)
-               ORDER BY indisprimary DESC LIMIT 1)",
+               ORDER BY indisreplident DESC, indisprimary DESC LIMIT 1)",
             &[&relation_id],
         )
         .await

@@ -666,9 +666,21 @@ impl PostgresSource {
                     .iter()
                     .map(|c| catalog::quote_ident(&c.name))
                     .collect();
+                // A partitioned table's rows live in its partitions (published under the root);
+                // a plain table's inheritance children are tables of their own.
+                let partitioned: bool = self
+                    .sql
+                    .query_one(
+                        "SELECT relkind = 'p' FROM pg_class WHERE oid = $1",
+                        &[&table.relation_id],
+                    )
+                    .await
+                    .map_err(|e| SourceError::from_postgres("reading the table's kind", e))?
+                    .get(0);
                 let copy = format!(
-                    "COPY (SELECT {} FROM ONLY {}) TO STDOUT",
+                    "COPY (SELECT {} FROM {}{}) TO STDOUT",
                     cols.join(", "),
+                    if partitioned { "" } else { "ONLY " },
                     catalog::quote_table(&table.id)
                 );
                 let stream = self

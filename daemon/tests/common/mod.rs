@@ -431,3 +431,108 @@ pub async fn consume(topic: &str, min: usize, idle: Duration, timeout: Duration)
     }
     out
 }
+
+/// A TCP forwarder to a real service that a test can close (dropping every connection and
+/// refusing new ones) and open again: the service "becomes unreachable" and comes back.
+pub struct Gate {
+    pub port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    pub async fn start(target_port: u16, open: bool) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gate");
+        let port = listener.local_addr().expect("gate addr").port();
+        let (tx, rx) = tokio::sync::watch::channel(open);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*rx.borrow() {
+                    continue; // dropped: the peer sees the connection closed at once
+                }
+                let mut closed = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = closed.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Gate { port, open: tx }
+    }
+
+    pub fn set_open(&self, open: bool) {
+        let _ = self.open.send(open);
+    }
+}
+
+fn admin_client() -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", stack().bootstrap)
+        .create()
+        .expect("admin client")
+}
+
+/// The partition count of an existing topic.
+pub async fn topic_partitions(topic: &str) -> usize {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", stack().bootstrap)
+        .create()
+        .expect("consumer");
+    let md = tokio::task::block_in_place(|| {
+        consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
+    })
+    .expect("topic metadata");
+    md.topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0)
+}
+
+/// The configs of an existing topic.
+pub async fn topic_configs(topic: &str) -> HashMap<String, String> {
+    let admin = admin_client();
+    let res = admin
+        .describe_configs(
+            &[rdkafka::admin::ResourceSpecifier::Topic(topic)],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .expect("describe configs");
+    let resource = res
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .expect("topic configs");
+    resource
+        .entries
+        .into_iter()
+        .filter_map(|e| e.value.map(|v| (e.name, v)))
+        .collect()
+}
+
+/// Drops a test database and its replication slots, so finished tests hold no WAL.
+pub async fn cleanup(db: &str) {
+    let admin = admin().await;
+    admin
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
+            &[&db],
+        )
+        .await
+        .expect("drop test slots");
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .expect("drop test database");
+}
