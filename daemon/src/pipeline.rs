@@ -64,6 +64,36 @@ enum AckItem {
     SnapshotDone(Lsn),
 }
 
+/// Adds `deliveries` to the batch, after the last item if that is deliveries too.
+fn push_deliveries(items: &mut Vec<AckItem>, deliveries: &mut Vec<Delivery>) {
+    if deliveries.is_empty() {
+        return;
+    }
+    match items.last_mut() {
+        Some(AckItem::Deliveries(d)) => d.append(deliveries),
+        _ => items.push(AckItem::Deliveries(std::mem::take(deliveries))),
+    }
+}
+
+/// Adds a position covering everything before it. An earlier position of the same batch that
+/// only deliveries follow is dropped: the later one covers it.
+fn push_position(items: &mut Vec<AckItem>, deliveries: &mut Vec<Delivery>, lsn: Lsn) {
+    if let Some(AckItem::Position(_)) = items.last() {
+        items.pop();
+    } else if items.len() >= 2
+        && matches!(items[items.len() - 2], AckItem::Position(_))
+        && matches!(items[items.len() - 1], AckItem::Deliveries(_))
+    {
+        let d = items.pop();
+        items.pop();
+        if let Some(d) = d {
+            items.push(d);
+        }
+    }
+    push_deliveries(items, deliveries);
+    items.push(AckItem::Position(lsn));
+}
+
 /// How often the confirmed position is written to the checkpoint store at most.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
@@ -130,7 +160,7 @@ async fn run_once(
     let mut writer = EventWriter::connect(&cfg.kafka, cfg.topics.clone(), info).await?;
     let mut source = PostgresSource::start(cfg.source.clone(), resume).await?;
 
-    let (ack_tx, ack_rx) = mpsc::channel::<AckItem>(256);
+    let (ack_tx, ack_rx) = mpsc::channel::<Vec<AckItem>>(64);
     let mut acker = tokio::spawn(acker(
         name.clone(),
         ack_rx,
@@ -171,6 +201,7 @@ async fn run_once(
         let now = now_ms();
         let mut counts = [0u64; 5];
         let mut failed = None;
+        let mut items: Vec<AckItem> = Vec::new();
         for ev in events.drain(..) {
             match ev {
                 SourceEvent::Change(change) => {
@@ -187,33 +218,29 @@ async fn run_once(
                     }
                 }
                 SourceEvent::Commit { end_lsn: lsn } | SourceEvent::Progress { lsn } => {
-                    if !deliveries.is_empty() {
-                        records.increment(deliveries.len() as u64);
-                        let _ = ack_tx
-                            .send(AckItem::Deliveries(std::mem::take(&mut deliveries)))
-                            .await;
-                    }
                     if last_position < Some(lsn) {
                         last_position = Some(lsn);
-                        let _ = ack_tx.send(AckItem::Position(lsn)).await;
+                        push_position(&mut items, &mut deliveries, lsn);
                     }
                 }
                 SourceEvent::SnapshotDone { consistent_point } => {
-                    if !deliveries.is_empty() {
-                        records.increment(deliveries.len() as u64);
-                        let _ = ack_tx
-                            .send(AckItem::Deliveries(std::mem::take(&mut deliveries)))
-                            .await;
-                    }
-                    let _ = ack_tx.send(AckItem::SnapshotDone(consistent_point)).await;
+                    push_deliveries(&mut items, &mut deliveries);
+                    items.push(AckItem::SnapshotDone(consistent_point));
                 }
             }
         }
-        if !deliveries.is_empty() {
-            records.increment(deliveries.len() as u64);
-            let _ = ack_tx
-                .send(AckItem::Deliveries(std::mem::take(&mut deliveries)))
-                .await;
+        push_deliveries(&mut items, &mut deliveries);
+        if !items.is_empty() {
+            let sent: usize = items
+                .iter()
+                .map(|i| match i {
+                    AckItem::Deliveries(d) => d.len(),
+                    _ => 0,
+                })
+                .sum();
+            records.increment(sent as u64);
+            // One hand-over per batch: the acker sees deliveries and positions in WAL order.
+            let _ = ack_tx.send(items).await;
         }
         events_c.increment(counts[Op::Insert as usize]);
         events_u.increment(counts[Op::Update as usize]);
@@ -247,7 +274,7 @@ async fn run_once(
 /// Awaits deliveries in order; checkpoints and confirms positions they cover.
 async fn acker(
     name: String,
-    mut rx: mpsc::Receiver<AckItem>,
+    mut rx: mpsc::Receiver<Vec<AckItem>>,
     store: Arc<CheckpointStore>,
     ack: AckHandle,
 ) -> Result<(), PipelineError> {
@@ -261,10 +288,10 @@ async fn acker(
         Ok(())
     };
     loop {
-        let item = if pending.is_some() {
+        let batch = if pending.is_some() {
             // Checkpoint a pending position when the stream pauses.
             match tokio::time::timeout(CHECKPOINT_EVERY, rx.recv()).await {
-                Ok(item) => item,
+                Ok(batch) => batch,
                 Err(_) => {
                     if let Some(lsn) = pending.take() {
                         flush(lsn)?;
@@ -276,38 +303,40 @@ async fn acker(
         } else {
             rx.recv().await
         };
-        let Some(item) = item else { break };
-        match item {
-            AckItem::Deliveries(batch) => {
-                for d in batch {
-                    match d.await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err((e, msg))) => {
-                            use rdkafka::message::Message;
-                            return Err(PipelineError::Delivery(format!(
-                                "topic {}: {e}",
-                                msg.topic()
-                            )));
-                        }
-                        Err(_) => {
-                            return Err(PipelineError::Delivery(
-                                "producer dropped a delivery".into(),
-                            ))
+        let Some(batch) = batch else { break };
+        for item in batch {
+            match item {
+                AckItem::Deliveries(deliveries) => {
+                    for d in deliveries {
+                        match d.await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err((e, msg))) => {
+                                use rdkafka::message::Message;
+                                return Err(PipelineError::Delivery(format!(
+                                    "topic {}: {e}",
+                                    msg.topic()
+                                )));
+                            }
+                            Err(_) => {
+                                return Err(PipelineError::Delivery(
+                                    "producer dropped a delivery".into(),
+                                ))
+                            }
                         }
                     }
                 }
-            }
-            AckItem::Position(lsn) => {
-                pending = Some(lsn);
-                if last_write.elapsed() >= CHECKPOINT_EVERY {
-                    flush(lsn)?;
-                    pending = None;
-                    last_write = Instant::now();
+                AckItem::Position(lsn) => pending = Some(lsn),
+                AckItem::SnapshotDone(lsn) => {
+                    store.mark_snapshot_done(&name, lsn)?;
+                    tracing::info!(connector = %name, lsn = %lsn, "snapshot delivered and recorded");
                 }
             }
-            AckItem::SnapshotDone(lsn) => {
-                store.mark_snapshot_done(&name, lsn)?;
-                tracing::info!(connector = %name, lsn = %lsn, "snapshot delivered and recorded");
+        }
+        if let Some(lsn) = pending {
+            if last_write.elapsed() >= CHECKPOINT_EVERY {
+                flush(lsn)?;
+                pending = None;
+                last_write = Instant::now();
             }
         }
     }
