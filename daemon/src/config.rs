@@ -81,15 +81,19 @@ fn default_log_level() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the Prometheus `/metrics` endpoint.
+    /// Address of the admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`).
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// Bearer token the endpoint requires (all paths but `/healthz`); mandatory off loopback.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            token: None,
         }
     }
 }
@@ -282,6 +286,17 @@ impl Config {
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
         };
+        if !self.admin.listen.ip().is_loopback()
+            && self.admin.token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err((
+                "admin.token".into(),
+                format!(
+                    "a token is required when admin.listen ({}) is not a loopback address",
+                    self.admin.listen
+                ),
+            ));
+        }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return Err((
                 "kafka.bootstrap_servers".into(),
@@ -505,6 +520,16 @@ database = "shop"
 
         let (path, _) = invalid(&format!("{GOOD}slot = \"Bad-Slot\"\n"));
         assert_eq!(path, "sources.demo.slot");
+
+        let (path, msg) =
+            invalid(&GOOD.replace("[kafka]", "[admin]\nlisten = \"0.0.0.0:9187\"\n[kafka]"));
+        assert_eq!(path, "admin.token");
+        assert!(msg.contains("not a loopback"), "{msg}");
+        assert!(parse(&GOOD.replace(
+            "[kafka]",
+            "[admin]\nlisten = \"0.0.0.0:9187\"\ntoken = \"t\"\n[kafka]"
+        ))
+        .is_ok());
 
         let (path, _) = invalid(&format!("{GOOD}heartbeat_interval = \"often\"\n"));
         assert_eq!(path, "sources.demo.heartbeat_interval");

@@ -1,9 +1,19 @@
 //! The `bitclone9` daemon: configuration, checkpoint store, pipelines and their supervisor.
 //! The binary (`main.rs`) is a thin CLI over this library, so tests can drive the same code.
 
+pub mod admin;
 pub mod checkpoint;
 pub mod config;
 pub mod pipeline;
+pub mod status;
+
+/// The version and the git commit the binary was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BITCLONE9_GIT_COMMIT"),
+    ")"
+);
 
 use bitclone9_kafka::{KafkaSettings, TopicSettings};
 use bitclone9_postgres_source::{PostgresSourceConfig, SnapshotMode};

@@ -6,6 +6,7 @@ use anyhow::Context;
 use bitclone9::checkpoint::CheckpointStore;
 use bitclone9::config::{Config, LogFormat};
 use bitclone9::pipeline::{self, PipelineConfig};
+use bitclone9::status::Status;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 #[derive(Parser)]
 #[command(
     name = "bitclone9",
-    version,
+    version = bitclone9::VERSION,
     about = "PostgreSQL change data capture to Kafka as Avro"
 )]
 struct Cli {
@@ -98,15 +99,31 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         eprintln!("bitclone9: configuration error: no [sources.NAME] section: nothing to run");
         return Ok(ExitCode::from(2));
     }
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(cfg.admin.listen)
-        .install()
-        .with_context(|| {
-            format!(
-                "cannot serve metrics on {} (admin.listen)",
-                cfg.admin.listen
-            )
-        })?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let status = Arc::new(Status::default());
+    let admin_addr = bitclone9::admin::serve(
+        cfg.admin.listen,
+        cfg.admin.token.clone(),
+        status.clone(),
+        metrics,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot serve the admin endpoint on {} (admin.listen)",
+            cfg.admin.listen
+        )
+    })?;
+    tracing::info!(address = %admin_addr, "admin endpoint listening");
     let store = Arc::new(CheckpointStore::open(&cfg.daemon.state_dir)?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -121,12 +138,23 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         tasks.push(tokio::spawn(pipeline::supervise(
             pc,
             store.clone(),
+            status.clone(),
             stop_rx.clone(),
         )));
     }
-    tracing::info!(sources = cfg.sources.len(), "bitclone9 running");
+    tracing::info!(
+        sources = cfg.sources.len(),
+        version = bitclone9::VERSION,
+        "bitclone9 running"
+    );
+    let notifier = tokio::spawn(systemd_notifications(status.clone()));
 
     wait_for_signal().await?;
+    notifier.abort();
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: finishing deliveries and checkpointing"),
+    ]);
     tracing::info!(
         "stopping: finishing deliveries and checkpointing (signal again to exit at once)"
     );
@@ -144,6 +172,48 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Tells systemd (when it runs us with NOTIFY_SOCKET) READY=1 once every connector has started,
+/// STATUS= lines as they change, and WATCHDOG=1 pings while no connector is stuck.
+async fn systemd_notifications(status: Arc<Status>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let mut watchdog_usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
+        .then(|| std::time::Duration::from_micros(watchdog_usec));
+    let tick = watchdog
+        .map(|w| w / 3)
+        .unwrap_or(std::time::Duration::from_secs(1))
+        .min(std::time::Duration::from_secs(1));
+    let (mut ready_sent, mut last_status) = (false, String::new());
+    loop {
+        let summary = status.summary();
+        if summary != last_status {
+            notify(&[sd_notify::NotifyState::Status(&summary)]);
+            last_status = summary;
+        }
+        if !ready_sent && status.ready() {
+            notify(&[sd_notify::NotifyState::Ready]);
+            ready_sent = true;
+        }
+        if let Some(limit) = watchdog {
+            let stuck = status.stuck(limit);
+            if stuck.is_empty() {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!(connectors = ?stuck, "connectors made no progress within the watchdog interval: not pinging the watchdog, so systemd restarts the service");
+            }
+        }
+        tokio::time::sleep(tick).await;
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

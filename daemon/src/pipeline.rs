@@ -12,6 +12,7 @@
 //! the acker confirms an LSN only after every record before it was acknowledged by Kafka.
 
 use crate::checkpoint::CheckpointStore;
+use crate::status::{ConnectorState, Status};
 use bitclone9_core::{Lsn, Op};
 use bitclone9_kafka::encode::SourceInfo;
 use bitclone9_kafka::{Delivery, EventWriter, KafkaSettings, SinkError, TopicSettings};
@@ -103,17 +104,26 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 pub async fn supervise(
     cfg: PipelineConfig,
     store: Arc<CheckpointStore>,
+    status: Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let name = cfg.source.name.clone();
+    status.register(&name, &cfg.source.slot);
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
         let span = tracing::info_span!("source", connector = %name);
-        let result =
-            tracing::Instrument::instrument(run_once(&cfg, &store, shutdown.clone()), span).await;
+        status.set_state(&name, ConnectorState::Starting);
+        let result = tracing::Instrument::instrument(
+            run_once(&cfg, &store, &status, shutdown.clone()),
+            span,
+        )
+        .await;
         match result {
-            Ok(()) => return,
+            Ok(()) => {
+                status.set_state(&name, ConnectorState::Stopped);
+                return;
+            }
             Err(e) => {
                 metrics::counter!("bitclone9_pipeline_restarts_total", "connector" => name.clone(), "component" => e.component()).increment(1);
                 if started.elapsed() > Duration::from_secs(120) {
@@ -125,6 +135,7 @@ pub async fn supervise(
                     _ => true,
                 };
                 tracing::error!(connector = %name, component = e.component(), transient, retry_in = ?backoff, "pipeline stopped: {e}");
+                status.failed(&name, format!("{}: {e}", e.component()));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.wait_for(|s| *s) => return,
@@ -145,6 +156,7 @@ fn now_ms() -> i64 {
 async fn run_once(
     cfg: &PipelineConfig,
     store: &Arc<CheckpointStore>,
+    status: &Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     if *shutdown.borrow() {
@@ -165,8 +177,15 @@ async fn run_once(
         name.clone(),
         ack_rx,
         store.clone(),
+        status.clone(),
         source.ack_handle(),
     ));
+    let mut state = if source.snapshotting() {
+        ConnectorState::Snapshotting
+    } else {
+        ConnectorState::Streaming
+    };
+    status.set_state(&name, state);
 
     let labels_op = |op: Op| [("connector", name.clone()), ("op", op.code().to_string())];
     let events_c = metrics::counter!("bitclone9_source_events_total", &labels_op(Op::Insert));
@@ -197,6 +216,12 @@ async fn run_once(
                     break Err(e.into());
                 }
             }
+        }
+        if state == ConnectorState::Snapshotting && !source.snapshotting() {
+            state = ConnectorState::Streaming;
+            status.set_state(&name, state);
+        } else {
+            status.touch(&name);
         }
         let now = now_ms();
         let mut counts = [0u64; 5];
@@ -276,6 +301,7 @@ async fn acker(
     name: String,
     mut rx: mpsc::Receiver<Vec<AckItem>>,
     store: Arc<CheckpointStore>,
+    status: Arc<Status>,
     ack: AckHandle,
 ) -> Result<(), PipelineError> {
     let confirmed = metrics::gauge!("bitclone9_source_confirmed_lsn", "connector" => name.clone());
@@ -285,6 +311,7 @@ async fn acker(
         store.save_source_lsn(&name, lsn)?;
         ack.ack(lsn);
         confirmed.set(lsn.0 as f64);
+        status.confirmed(&name, lsn.to_string());
         Ok(())
     };
     loop {

@@ -166,14 +166,32 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &std::path::Path, log_name: &str) -> Self {
+        Self::start_with(config, log_name, &[])
+    }
+
+    /// Starts with extra environment variables; `WATCHDOG_PID=self` becomes the daemon's pid.
+    pub fn start_with(config: &std::path::Path, log_name: &str, env: &[(&str, &str)]) -> Self {
         let log = config.with_file_name(format!("{log_name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(bin())
-            .args(["run", "--config"])
+        // `exec` keeps the shell's pid, so $$ is the daemon's pid.
+        let mut script = String::new();
+        for (k, v) in env {
+            let v = if *v == "self" {
+                "$$".to_string()
+            } else {
+                format!("'{v}'")
+            };
+            script.push_str(&format!("export {k}={v}; "));
+        }
+        script.push_str("exec \"$0\" run --config \"$1\"");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(bin())
             .arg(config)
             .env("TEST_PG_PASSWORD", stack().pg_password)
             .env_remove("BITCLONE9_LOG")
@@ -535,4 +553,65 @@ pub async fn cleanup(db: &str) {
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await
         .expect("drop test database");
+}
+
+/// The admin endpoint's address, from the daemon's log.
+pub async fn admin_addr(daemon: &mut Daemon) -> String {
+    daemon
+        .wait_log("admin endpoint listening", Duration::from_secs(30))
+        .await;
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("admin endpoint listening"))
+        .expect("log line");
+    line.split("address=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("address in the log line")
+        .to_string()
+}
+
+/// A plain HTTP/1.1 GET; returns (status code, body).
+pub async fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect admin endpoint");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("send request");
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.expect("read response");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// Parses Prometheus text format into (name with labels) -> value.
+pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("malformed metrics line {l:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("malformed value in {l:?}"));
+            (name.to_string(), value)
+        })
+        .collect()
 }

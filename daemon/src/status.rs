@@ -1,0 +1,177 @@
+//! What each connector is doing, shared by the pipelines (writers), the admin endpoint, and
+//! systemd notifications (readers). Updated once per batch, never per event.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectorState {
+    Starting,
+    Snapshotting,
+    Streaming,
+    /// Failed; waiting out the backoff before the next attempt.
+    Retrying,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectorStatus {
+    pub state: ConnectorState,
+    pub slot: String,
+    /// The last position Kafka acknowledged and the slot was told.
+    pub confirmed_lsn: Option<String>,
+    pub restarts: u64,
+    pub last_error: Option<String>,
+    /// Seconds since the pipeline last made a step (read a batch, or waited out a backoff).
+    pub idle_s: f64,
+    #[serde(skip)]
+    alive_at: Instant,
+}
+
+/// Every connector's status.
+#[derive(Default)]
+pub struct Status {
+    connectors: Mutex<BTreeMap<String, ConnectorStatus>>,
+}
+
+impl Status {
+    pub fn register(&self, name: &str, slot: &str) {
+        self.update(name, |c| c.slot = slot.to_string());
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut ConnectorStatus)) {
+        let mut map = self.connectors.lock().unwrap_or_else(|p| p.into_inner());
+        let c = map
+            .entry(name.to_string())
+            .or_insert_with(|| ConnectorStatus {
+                state: ConnectorState::Starting,
+                slot: String::new(),
+                confirmed_lsn: None,
+                restarts: 0,
+                last_error: None,
+                idle_s: 0.0,
+                alive_at: Instant::now(),
+            });
+        c.alive_at = Instant::now();
+        f(c);
+    }
+
+    pub fn set_state(&self, name: &str, state: ConnectorState) {
+        self.update(name, |c| {
+            if state == ConnectorState::Streaming {
+                c.last_error = None;
+            }
+            c.state = state;
+        });
+    }
+
+    pub fn failed(&self, name: &str, error: String) {
+        self.update(name, |c| {
+            c.state = ConnectorState::Retrying;
+            c.restarts += 1;
+            c.last_error = Some(error);
+        });
+    }
+
+    /// The pipeline made a step.
+    pub fn touch(&self, name: &str) {
+        self.update(name, |_| {});
+    }
+
+    pub fn confirmed(&self, name: &str, lsn: String) {
+        self.update(name, |c| c.confirmed_lsn = Some(lsn));
+    }
+
+    /// A copy of every connector's status.
+    pub fn snapshot(&self) -> BTreeMap<String, ConnectorStatus> {
+        let map = self.connectors.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                v.idle_s = v.alive_at.elapsed().as_secs_f64();
+                (k.clone(), v)
+            })
+            .collect()
+    }
+
+    /// Every connector has started (is snapshotting or streaming) and none is failing.
+    pub fn ready(&self) -> bool {
+        let map = self.connectors.lock().unwrap_or_else(|p| p.into_inner());
+        !map.is_empty()
+            && map.values().all(|c| {
+                matches!(
+                    c.state,
+                    ConnectorState::Snapshotting | ConnectorState::Streaming
+                )
+            })
+    }
+
+    /// Connectors that should be making steps but have not for `limit`: a hang, not a failure
+    /// being retried.
+    pub fn stuck(&self, limit: Duration) -> Vec<String> {
+        let map = self.connectors.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(_, c)| {
+                matches!(
+                    c.state,
+                    ConnectorState::Starting
+                        | ConnectorState::Snapshotting
+                        | ConnectorState::Streaming
+                ) && c.alive_at.elapsed() > limit
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// One line for systemd's STATUS=.
+    pub fn summary(&self) -> String {
+        let map = self.connectors.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(name, c)| match (c.state, &c.confirmed_lsn) {
+                (ConnectorState::Streaming, Some(lsn)) => format!("{name}: streaming at {lsn}"),
+                (ConnectorState::Retrying, _) => format!(
+                    "{name}: retrying after: {}",
+                    c.last_error
+                        .as_deref()
+                        .unwrap_or("error")
+                        .chars()
+                        .take(120)
+                        .collect::<String>()
+                ),
+                (state, _) => format!("{name}: {}", format!("{state:?}").to_lowercase()),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_every_connector_has_started() {
+        let s = Status::default();
+        assert!(!s.ready());
+        s.register("a", "slot_a");
+        s.register("b", "slot_b");
+        s.set_state("a", ConnectorState::Streaming);
+        assert!(!s.ready(), "b is still starting");
+        s.set_state("b", ConnectorState::Snapshotting);
+        assert!(s.ready());
+        s.set_state("b", ConnectorState::Streaming);
+        assert!(s.ready());
+        s.failed("b", "kafka down".into());
+        assert!(!s.ready());
+        assert!(s.summary().contains("b: retrying after: kafka down"));
+        assert!(s.stuck(Duration::from_secs(60)).is_empty());
+        assert_eq!(
+            s.stuck(Duration::ZERO),
+            vec!["a".to_string()],
+            "a retrying connector is not stuck"
+        );
+    }
+}

@@ -1,0 +1,228 @@
+//! Running as a service: systemd notifications over a real unix datagram socket, and the admin
+//! endpoint (metrics, health, readiness, status, token).
+
+mod common;
+
+use common::*;
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Collects every datagram sent to a fresh NOTIFY_SOCKET.
+fn notify_socket() -> (String, Arc<Mutex<Vec<String>>>) {
+    let path = std::env::temp_dir().join(format!("{}.sock", unique("bc9notify")));
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let messages = Arc::new(Mutex::new(Vec::new()));
+    let sink = messages.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let mut m = sink.lock().unwrap_or_else(|p| p.into_inner());
+                    m.extend(text.lines().map(str::to_string));
+                    if text.contains("STOPPING=1") {
+                        return;
+                    }
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return,
+            }
+        }
+    });
+    (path.display().to_string(), messages)
+}
+
+fn lines(m: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+    m.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notifications_ready_status_watchdog_stopping_in_order() {
+    let db = unique("notify");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let (socket, messages) = notify_socket();
+    let mut daemon = Daemon::start_with(
+        &cfg,
+        "daemon",
+        &[
+            ("NOTIFY_SOCKET", &socket),
+            ("WATCHDOG_USEC", "1500000"),
+            ("WATCHDOG_PID", "self"),
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !lines(&messages).iter().any(|l| l == "READY=1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no READY=1; got {:?}\n{}",
+            lines(&messages),
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        daemon.log_text().contains("created replication slot"),
+        "READY only once the connector started"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(daemon.terminate(), Some(0));
+    let m = lines(&messages);
+    let pos = |needle: &str| m.iter().position(|l| l.starts_with(needle));
+    let ready = pos("READY=1").expect("READY=1");
+    let stopping = pos("STOPPING=1").expect("STOPPING=1");
+    let streaming_status = m
+        .iter()
+        .position(|l| l.starts_with("STATUS=") && l.contains("streaming at"))
+        .expect("a STATUS line saying where it streams");
+    assert!(
+        pos("STATUS=").expect("STATUS") < ready,
+        "status reported while starting: {m:?}"
+    );
+    assert!(ready < stopping && streaming_status < stopping, "{m:?}");
+    let pings = m.iter().filter(|l| *l == "WATCHDOG=1").count();
+    assert!(pings >= 3, "watchdog pinged while healthy ({pings}): {m:?}");
+    cleanup(&db).await;
+}
+
+fn counter(
+    metrics: &std::collections::HashMap<String, f64>,
+    name: &str,
+    connector: &str,
+    op: &str,
+) -> f64 {
+    metrics
+        .iter()
+        .find(|(k, _)| {
+            k.starts_with(name)
+                && k.contains(&format!("connector=\"{connector}\""))
+                && k.contains(&format!("op=\"{op}\""))
+        })
+        .map(|(_, v)| *v)
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoint_metrics_health_readiness_status_and_token() {
+    let s = stack();
+    let db = unique("admin");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+    let pg_gate = Gate::start(s.pg_port, true).await;
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace(
+            &format!("port = {}", s.pg_port),
+            &format!("port = {}", pg_gate.port),
+        )
+        .replace("[admin]", "[admin]\ntoken = \"s3cret-token\"");
+    std::fs::write(&cfg, text).expect("write");
+    let mut daemon = Daemon::start(&cfg, "daemon");
+    let addr = admin_addr(&mut daemon).await;
+    daemon
+        .wait_log("streaming started", Duration::from_secs(60))
+        .await;
+
+    assert_eq!(
+        http_get(&addr, "/healthz", None).await.0,
+        200,
+        "liveness needs no token"
+    );
+    assert_eq!(
+        http_get(&addr, "/status", None).await.0,
+        401,
+        "status needs the token"
+    );
+    assert_eq!(http_get(&addr, "/metrics", Some("wrong")).await.0, 401);
+    let token = Some("s3cret-token");
+    let (code, body) = http_get(&addr, "/readyz", token).await;
+    assert_eq!(code, 200, "{body}");
+
+    let before = parse_prometheus(&http_get(&addr, "/metrics", token).await.1);
+    client
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 50)")
+        .await
+        .expect("insert");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = parse_prometheus(&http_get(&addr, "/metrics", token).await.1);
+        let delta = counter(&now, "bitclone9_source_events_total", &db, "c")
+            - counter(&before, "bitclone9_source_events_total", &db, "c");
+        if delta >= 50.0 {
+            assert_eq!(
+                delta, 50.0,
+                "the insert counter moved by exactly the rows inserted"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics did not move: {delta}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, body) = http_get(&addr, "/status", token).await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+    assert_eq!(status["connectors"][&db]["state"], "streaming", "{body}");
+    assert!(
+        status["connectors"][&db]["confirmed_lsn"].is_string(),
+        "{body}"
+    );
+    assert!(
+        status["version"].as_str().is_some_and(|v| v.contains('(')),
+        "version with commit: {body}"
+    );
+
+    // PostgreSQL goes away: not ready, and /status says why.
+    pg_gate.set_open(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = http_get(&addr, "/readyz", token).await;
+        if code == 503 {
+            assert!(
+                body.contains("retrying") && body.contains("postgres"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still ready without PostgreSQL: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    pg_gate.set_open(true);
+    assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
+}
+
+#[test]
+fn version_names_the_release_and_the_commit() {
+    let out = std::process::Command::new(bin())
+        .arg("--version")
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.starts_with(&format!("bitclone9 {} (", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+}
