@@ -38,6 +38,9 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
+    /// Problems worth a warning but not a refusal (filled by `load`).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -243,7 +246,9 @@ impl Config {
             file: file.to_path_buf(),
             source,
         })?;
-        Self::parse(file, &text, &|name| std::env::var(name).ok())
+        let mut config = Self::parse(file, &text, &|name| std::env::var(name).ok())?;
+        config.warnings = world_readable_secrets(file, &text);
+        Ok(config)
     }
 
     /// Parses `text` (from `file`, for messages), looking up `${VAR}`s with `env`.
@@ -394,6 +399,49 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Warns when `file` can be read by every user and writes a secret in clear (rather than as
+/// `${VAR}`): `sources.*.password`, `admin.token`, or a producer setting named like a password.
+fn world_readable_secrets(file: &Path, text: &str) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let readable_by_all =
+        std::fs::metadata(file).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+    let Ok(value) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    if !readable_by_all {
+        return Vec::new();
+    }
+    let literal = |v: Option<&toml::Value>| {
+        v.and_then(toml::Value::as_str)
+            .is_some_and(|s| !s.is_empty() && !s.contains("${"))
+    };
+    let mut keys = Vec::new();
+    if let Some(sources) = value.get("sources").and_then(toml::Value::as_table) {
+        for (name, s) in sources {
+            if literal(s.get("password")) {
+                keys.push(format!("sources.{name}.password"));
+            }
+        }
+    }
+    if literal(value.get("admin").and_then(|a| a.get("token"))) {
+        keys.push("admin.token".into());
+    }
+    if let Some(p) = value
+        .get("kafka")
+        .and_then(|k| k.get("producer"))
+        .and_then(toml::Value::as_table)
+    {
+        for (k, v) in p {
+            if (k.contains("password") || k.contains("secret")) && literal(Some(v)) {
+                keys.push(format!("kafka.producer.\"{k}\""));
+            }
+        }
+    }
+    keys.into_iter()
+        .map(|k| format!("{} is readable by every user and holds a secret in clear at `{k}`: run chmod o-r on it, or write the value as ${{VAR}} and set VAR in a root-only EnvironmentFile", file.display()))
+        .collect()
 }
 
 /// Replaces `${VAR}` in every string with the environment variable's value (`$${` for a literal

@@ -56,6 +56,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cfg, log_format);
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -229,6 +232,9 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
     println!("configuration: ok ({} source(s))", cfg.sources.len());
+    for w in &cfg.warnings {
+        println!("warning: {w}");
+    }
     if !connect {
         return Ok(ExitCode::SUCCESS);
     }

@@ -305,12 +305,20 @@ async fn acker(
     ack: AckHandle,
 ) -> Result<(), PipelineError> {
     let confirmed = metrics::gauge!("bitclone9_source_confirmed_lsn", "connector" => name.clone());
+    let checkpointed_at =
+        metrics::gauge!("bitclone9_checkpoint_timestamp_seconds", "connector" => name.clone());
     let mut pending: Option<Lsn> = None;
     let mut last_write = Instant::now();
     let flush = |lsn: Lsn| -> Result<(), PipelineError> {
         store.save_source_lsn(&name, lsn)?;
         ack.ack(lsn);
         confirmed.set(lsn.0 as f64);
+        checkpointed_at.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
         status.confirmed(&name, lsn.to_string());
         Ok(())
     };

@@ -57,6 +57,15 @@ impl Status {
             });
         c.alive_at = Instant::now();
         f(c);
+        let up = matches!(
+            c.state,
+            ConnectorState::Snapshotting | ConnectorState::Streaming
+        );
+        metrics::gauge!("bitclone9_connector_up", "connector" => name.to_string()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     pub fn set_state(&self, name: &str, state: ConnectorState) {

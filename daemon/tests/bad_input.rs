@@ -351,3 +351,79 @@ async fn changes_made_while_a_service_was_unreachable_arrive_once_it_is_back() {
     assert_eq!(daemon.terminate(), Some(0));
     cleanup(&db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs_or_output_and_clear_ones_are_flagged() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = unique("secret");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+    let secret = "BC9-TOPSECRET-7c1e9";
+
+    // A wrong password from the environment: authentication fails and is logged, the secret is not.
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let mut daemon = Daemon::start_with(&cfg, "daemon", &[("TEST_PG_PASSWORD", secret)]);
+    daemon
+        .wait_log("retry_in=2s", Duration::from_secs(60))
+        .await;
+    assert_eq!(daemon.terminate(), Some(0));
+    let log = daemon.log_text();
+    assert!(
+        log.contains("component=\"postgres\""),
+        "the failure is logged: {log}"
+    );
+    assert!(
+        !log.contains(secret),
+        "the secret leaked into the log:\n{log}"
+    );
+
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    let out = Command::new(bin())
+        .args(["check", "--connect", "--config"])
+        .arg(&cfg)
+        .env("TEST_PG_PASSWORD", secret)
+        .output()
+        .expect("check");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(
+        !printed.contains(secret),
+        "the secret leaked into check's output:\n{printed}"
+    );
+
+    // A secret written in clear in a file every user can read is flagged; a private file is not.
+    let clear = text.replace("${TEST_PG_PASSWORD}", secret);
+    std::fs::write(&cfg, &clear).expect("write");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("check");
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        printed.contains("readable by every user")
+            && printed.contains(&format!("sources.{db}.password")),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains(secret),
+        "the warning names the key, not the value: {printed}"
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("check");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("readable by every user"));
+    cleanup(&db).await;
+}

@@ -177,6 +177,18 @@ async fn admin_endpoint_metrics_health_readiness_status_and_token() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let metrics = parse_prometheus(&http_get(&addr, "/metrics", token).await.1);
+    let gauge = |name: &str| {
+        metrics
+            .iter()
+            .find(|(k, _)| k.starts_with(name) && k.contains(&format!("connector=\"{db}\"")))
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("{name} for {db} is exported"))
+    };
+    assert_eq!(gauge("bitclone9_connector_up"), 1.0);
+    assert!(gauge("bitclone9_checkpoint_timestamp_seconds") > 1.6e9);
+    assert!(gauge("bitclone9_source_retained_wal_bytes") >= 0.0);
+    assert!(gauge("bitclone9_source_slot_lag_bytes") >= 0.0);
     let (code, body) = http_get(&addr, "/status", token).await;
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");

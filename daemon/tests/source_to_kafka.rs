@@ -203,6 +203,24 @@ async fn every_operation_and_type_arrives_exactly() {
         lsn_ins > read.position().0,
         "streamed commit is after the snapshot point"
     );
+    // The source transaction travels as headers too, in PostgreSQL's notation.
+    let lsn_text = format!("{:X}/{:X}", lsn_ins >> 32, lsn_ins & 0xffff_ffff);
+    assert_eq!(ins.headers.get("bitclone9.lsn"), Some(&lsn_text));
+    assert_eq!(
+        ins.headers.get("bitclone9.seq").map(String::as_str),
+        Some("0")
+    );
+    let Avro::Union(1, xid) = ins.source("txId") else {
+        panic!("streamed change has a txId")
+    };
+    let Avro::Long(xid) = *xid else {
+        panic!("txId is a long")
+    };
+    assert_eq!(ins.headers.get("bitclone9.txid"), Some(&xid.to_string()));
+    assert!(
+        !read.headers.contains_key("bitclone9.txid"),
+        "snapshot rows have no transaction id"
+    );
     assert!(
         upd.row("before").is_none(),
         "default replica identity: no old row when the key is unchanged"

@@ -15,6 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
@@ -409,6 +410,7 @@ impl EventWriter {
         )?;
         let key = has_key.then_some(self.key_buf.as_slice());
         let topic = target.topic.clone();
+        let headers = tx_headers(change);
         if change.op == Op::Truncate {
             if self.topics.compacted() {
                 // A truncate has no key, and compacted topics refuse records without one.
@@ -419,6 +421,7 @@ impl EventWriter {
             for partition in 0..target.partitions {
                 let rec = FutureRecord::<[u8], [u8]>::to(&topic)
                     .payload(&self.value_buf)
+                    .headers(headers.clone())
                     .partition(partition);
                 deliveries.push(enqueue(&self.producer, rec).await?);
             }
@@ -433,7 +436,9 @@ impl EventWriter {
             }
             _ => false,
         };
-        let mut rec = FutureRecord::<[u8], [u8]>::to(&topic).payload(&self.value_buf);
+        let mut rec = FutureRecord::<[u8], [u8]>::to(&topic)
+            .payload(&self.value_buf)
+            .headers(headers.clone());
         if let Some(k) = key {
             rec = rec.key(k);
         }
@@ -445,7 +450,9 @@ impl EventWriter {
             _ => None,
         };
         if let Some(k) = tombstone {
-            let rec = FutureRecord::<[u8], [u8]>::to(&topic).key(k);
+            let rec = FutureRecord::<[u8], [u8]>::to(&topic)
+                .key(k)
+                .headers(headers);
             deliveries.push(enqueue(&self.producer, rec).await?);
         }
         Ok(())
@@ -464,6 +471,31 @@ impl EventWriter {
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
+}
+
+/// Headers naming the source transaction, so consumers' logs and dead letters can be traced back
+/// to it without decoding the value: `bitclone9.lsn` (commit LSN, `X/Y`), `bitclone9.txid`
+/// (absent for snapshot rows) and `bitclone9.seq`.
+fn tx_headers(change: &Change) -> OwnedHeaders {
+    let lsn = change.tx.commit_lsn.to_string();
+    let seq = change.seq.to_string();
+    let mut h = OwnedHeaders::new_with_capacity(3)
+        .insert(Header {
+            key: "bitclone9.lsn",
+            value: Some(&lsn),
+        })
+        .insert(Header {
+            key: "bitclone9.seq",
+            value: Some(&seq),
+        });
+    if let Some(xid) = change.tx.xid {
+        let xid = xid.to_string();
+        h = h.insert(Header {
+            key: "bitclone9.txid",
+            value: Some(&xid),
+        });
+    }
+    h
 }
 
 /// Enqueues a record, waiting while librdkafka's queue is full.

@@ -495,6 +495,34 @@ impl PostgresSource {
         {
             tracing::warn!(source = %self.cfg.name, error = %e, "could not write a heartbeat; an idle database may retain WAL (grant EXECUTE on pg_logical_emit_message to the role)");
         }
+        // How far the slot trails the server, and how much WAL it keeps: the two numbers an
+        // operator watches so the disk never fills.
+        match self
+            .sql
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8,
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.cfg.slot],
+            )
+            .await
+        {
+            Ok(Some(row)) => {
+                let name = self.cfg.name.clone();
+                if let Some(lag) = row.get::<_, Option<f64>>(0) {
+                    metrics::gauge!("bitclone9_source_slot_lag_bytes", "connector" => name.clone())
+                        .set(lag);
+                }
+                if let Some(retained) = row.get::<_, Option<f64>>(1) {
+                    metrics::gauge!("bitclone9_source_retained_wal_bytes", "connector" => name)
+                        .set(retained);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(source = %self.cfg.name, error = %e, "could not read the slot's lag")
+            }
+        }
     }
 
     async fn handle_event(

@@ -298,6 +298,7 @@ pub async fn wait_confirmed(client: &Client, slot: &str, lsn: u64, timeout: Dura
 /// One decoded Kafka record.
 #[derive(Debug, Clone)]
 pub struct Record {
+    pub headers: HashMap<String, String>,
     pub partition: i32,
     pub offset: i64,
     pub key: Option<Avro>,
@@ -399,7 +400,23 @@ pub async fn consume(topic: &str, min: usize, idle: Duration, timeout: Duration)
         let polled = tokio::task::block_in_place(|| {
             consumer.poll(Duration::from_millis(200)).map(|r| {
                 r.map(|m| {
+                    let headers: HashMap<String, String> = m
+                        .headers()
+                        .map(|hs| {
+                            use rdkafka::message::Headers;
+                            hs.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_string(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default())
+                                            .into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     (
+                        headers,
                         m.partition(),
                         m.offset(),
                         m.key().map(<[u8]>::to_vec),
@@ -419,7 +436,7 @@ pub async fn consume(topic: &str, min: usize, idle: Duration, timeout: Duration)
         }
     }
     let mut out = Vec::with_capacity(raw.len());
-    for (partition, offset, key, value) in raw {
+    for (headers, partition, offset, key, value) in raw {
         let key = match key {
             Some(k) => Some(
                 decoder
@@ -441,6 +458,7 @@ pub async fn consume(topic: &str, min: usize, idle: Duration, timeout: Duration)
             None => None,
         };
         out.push(Record {
+            headers,
             partition,
             offset,
             key,
