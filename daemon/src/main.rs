@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { .. } => runtime.block_on(run(cfg)),
+        Command::Run { config, .. } => runtime.block_on(run(cfg, config)),
         Command::Check { connect, .. } => runtime.block_on(check(cfg, connect)),
     };
     match result {
@@ -97,7 +97,83 @@ fn init_logging(cfg: &Config, over: Option<LogFormat>) {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+/// One running pipeline, with what it was started from.
+struct Running {
+    source: bitclone9::config::SourceConfig,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start_pipeline(
+    name: &str,
+    cfg: &Config,
+    store: &Arc<CheckpointStore>,
+    status: &Arc<Status>,
+) -> Option<Running> {
+    let source = cfg.sources.get(name)?.clone();
+    let pc = PipelineConfig {
+        source: bitclone9::source_settings(name, &source),
+        kafka: bitclone9::kafka_settings(cfg),
+        topics: bitclone9::topic_settings(name, &source),
+    };
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(pipeline::supervise(
+        pc,
+        store.clone(),
+        status.clone(),
+        stop_rx,
+    ));
+    Some(Running { source, stop, task })
+}
+
+/// Applies a new configuration: stops removed and changed pipelines (each finishes its
+/// deliveries and checkpoints), starts new and changed ones, and leaves the rest running.
+async fn reload(
+    path: &std::path::Path,
+    current: &mut Config,
+    running: &mut std::collections::BTreeMap<String, Running>,
+    store: &Arc<CheckpointStore>,
+    status: &Arc<Status>,
+) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, the running configuration stays: {e}");
+            return;
+        }
+    };
+    if new.daemon.state_dir != current.daemon.state_dir || new.admin.listen != current.admin.listen
+    {
+        tracing::warn!("daemon.state_dir and admin.listen changes take effect at the next restart");
+    }
+    let kafka_changed = new.kafka != current.kafka;
+    let names: Vec<String> = running.keys().cloned().collect();
+    for name in names {
+        let keep =
+            !kafka_changed && new.sources.get(&name) == running.get(&name).map(|r| &r.source);
+        if keep {
+            continue;
+        }
+        if let Some(r) = running.remove(&name) {
+            tracing::info!(connector = %name, "reload: stopping pipeline");
+            let _ = r.stop.send(true);
+            let _ = r.task.await;
+            status.remove(&name);
+        }
+    }
+    for name in new.sources.keys() {
+        if !running.contains_key(name) {
+            tracing::info!(connector = %name, "reload: starting pipeline");
+            if let Some(r) = start_pipeline(name, &new, store, status) {
+                running.insert(name.clone(), r);
+            }
+        }
+    }
+    tracing::info!(sources = running.len(), "configuration reloaded");
+    *current = new;
+}
+
+async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
     if cfg.sources.is_empty() {
         eprintln!("bitclone9: configuration error: no [sources.NAME] section: nothing to run");
         return Ok(ExitCode::from(2));
@@ -128,22 +204,11 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     })?;
     tracing::info!(address = %admin_addr, "admin endpoint listening");
     let store = Arc::new(CheckpointStore::open(&cfg.daemon.state_dir)?);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-
-    let kafka = bitclone9::kafka_settings(&cfg);
-    let mut tasks = Vec::new();
-    for (name, s) in &cfg.sources {
-        let pc = PipelineConfig {
-            source: bitclone9::source_settings(name, s),
-            kafka: kafka.clone(),
-            topics: bitclone9::topic_settings(name, s),
-        };
-        tasks.push(tokio::spawn(pipeline::supervise(
-            pc,
-            store.clone(),
-            status.clone(),
-            stop_rx.clone(),
-        )));
+    let mut running = std::collections::BTreeMap::new();
+    for name in cfg.sources.keys() {
+        if let Some(r) = start_pipeline(name, &cfg, &store, &status) {
+            running.insert(name.clone(), r);
+        }
     }
     tracing::info!(
         sources = cfg.sources.len(),
@@ -152,7 +217,25 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     );
     let notifier = tokio::spawn(systemd_notifications(status.clone()));
 
-    wait_for_signal().await?;
+    let mut cfg = cfg;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let stop_signal = wait_for_signal();
+    tokio::pin!(stop_signal);
+    loop {
+        tokio::select! {
+            r = &mut stop_signal => {
+                r?;
+                break;
+            }
+            _ = hangup.recv() => {
+                notify(&[sd_notify::NotifyState::Reloading]);
+                tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                reload(&path, &mut cfg, &mut running, &store, &status).await;
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
+        }
+    }
     notifier.abort();
     notify(&[
         sd_notify::NotifyState::Stopping,
@@ -161,7 +244,9 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(
         "stopping: finishing deliveries and checkpointing (signal again to exit at once)"
     );
-    let _ = stop_tx.send(true);
+    for r in running.values() {
+        let _ = r.stop.send(true);
+    }
     // A second signal exits at once; what Kafka has not acknowledged is read again on the next
     // start, so nothing is lost.
     tokio::spawn(async {
@@ -170,8 +255,8 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
             std::process::exit(130);
         }
     });
-    for t in tasks {
-        let _ = t.await;
+    for (_, r) in running {
+        let _ = r.task.await;
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

@@ -68,6 +68,12 @@ impl Status {
         });
     }
 
+    /// Forgets a connector removed from the configuration.
+    pub fn remove(&self, name: &str) {
+        let mut map = self.connectors.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(name);
+    }
+
     pub fn set_state(&self, name: &str, state: ConnectorState) {
         self.update(name, |c| {
             if state == ConnectorState::Streaming {

@@ -238,3 +238,68 @@ fn version_names_the_release_and_the_commit() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_restarts_only_changed_connectors() {
+    let db_a = unique("reload");
+    let db_b = unique("reload");
+    for db in [&db_a, &db_b] {
+        fresh_db(db)
+            .await
+            .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+            .await
+            .expect("table");
+    }
+    let spec_a = SourceSpec::new(&db_a);
+    let (cfg, _dir) = write_config(&spec_a, "");
+    let mut daemon = Daemon::start(&cfg, "daemon");
+    daemon
+        .wait_log(
+            &format!("streaming started source={db_a}"),
+            Duration::from_secs(60),
+        )
+        .await;
+
+    // Add a second source: it starts; the first keeps running untouched.
+    let original = std::fs::read_to_string(&cfg).expect("read");
+    let second = original
+        .split("[sources.")
+        .nth(1)
+        .expect("source section")
+        .replace(&db_a, &db_b);
+    std::fs::write(&cfg, format!("{original}\n[sources.{second}")).expect("write");
+    let hup = |pid: u32| {
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill -HUP")
+    };
+    hup(daemon.child.id());
+    daemon
+        .wait_log(
+            &format!("streaming started source={db_b}"),
+            Duration::from_secs(60),
+        )
+        .await;
+    let starts_a = |log: &str| {
+        log.matches(&format!("starting pipeline connector={db_a}"))
+            .count()
+    };
+    assert_eq!(
+        starts_a(&daemon.log_text()),
+        1,
+        "the unchanged source was not restarted"
+    );
+
+    // A broken file is refused and everything keeps running.
+    std::fs::write(&cfg, "this is [not toml").expect("write");
+    hup(daemon.child.id());
+    daemon
+        .wait_log("reload refused", Duration::from_secs(30))
+        .await;
+    assert!(daemon.is_running());
+    assert_eq!(starts_a(&daemon.log_text()), 1);
+    assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db_a).await;
+    cleanup(&db_b).await;
+}
