@@ -130,6 +130,16 @@ pub enum SourceKind {
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslModeSetting {
+    #[default]
+    Disable,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotSetting {
     #[default]
@@ -149,6 +159,14 @@ pub struct SourceConfig {
     #[serde(default)]
     pub password: String,
     pub database: String,
+    /// TLS: `disable`, `require`, `verify-ca` or `verify-full` (libpq's meanings).
+    #[serde(default)]
+    pub sslmode: SslModeSetting,
+    /// CA certificate(s) (PEM) that sign the server's certificate.
+    pub sslrootcert: Option<PathBuf>,
+    /// Client certificate and PKCS#8 key (PEM), both or neither.
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
     /// Replication slot; default `bitclone9_<source name>`.
     pub slot: Option<String>,
     /// Publication; default `bitclone9_<source name>`.
@@ -362,6 +380,37 @@ impl Config {
                         at(key),
                         format!("expected schema.table patterns such as \"public.*\", got {p:?}"),
                     ));
+                }
+            }
+            if s.sslmode == SslModeSetting::VerifyFull && s.host.parse::<std::net::IpAddr>().is_ok()
+            {
+                return Err((at("host"), format!("sslmode = \"verify-full\" checks the certificate against a host name, and the replication connection cannot check it against an IP address ({}): use the server's DNS name, or sslmode = \"verify-ca\"", s.host)));
+            }
+            if s.sslcert.is_some() != s.sslkey.is_some() {
+                return Err((
+                    at(if s.sslcert.is_some() {
+                        "sslkey"
+                    } else {
+                        "sslcert"
+                    }),
+                    "sslcert and sslkey go together: give both or neither".into(),
+                ));
+            }
+            for (key, path) in [
+                ("sslrootcert", &s.sslrootcert),
+                ("sslcert", &s.sslcert),
+                ("sslkey", &s.sslkey),
+            ] {
+                if let Some(p) = path {
+                    if !p.is_file() {
+                        return Err((
+                            at(key),
+                            format!(
+                                "expected a readable PEM file, but {} does not exist",
+                                p.display()
+                            ),
+                        ));
+                    }
                 }
             }
             if s.topics.partitions < 1 {
@@ -578,6 +627,12 @@ database = "shop"
             "[admin]\nlisten = \"0.0.0.0:9187\"\ntoken = \"t\"\n[kafka]"
         ))
         .is_ok());
+
+        let (path, msg) = invalid(&format!("{GOOD}sslmode = \"verify-full\"\n"));
+        assert_eq!(path, "sources.demo.host");
+        assert!(msg.contains("DNS name"), "{msg}");
+        let (path, _) = invalid(&format!("{GOOD}sslrootcert = \"/nonexistent/ca.pem\"\n"));
+        assert_eq!(path, "sources.demo.sslrootcert");
 
         let (path, _) = invalid(&format!("{GOOD}heartbeat_interval = \"often\"\n"));
         assert_eq!(path, "sources.demo.heartbeat_interval");

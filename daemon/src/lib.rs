@@ -16,8 +16,8 @@ pub const VERSION: &str = concat!(
 );
 
 use bitclone9_kafka::{KafkaSettings, TopicSettings};
-use bitclone9_postgres_source::{PostgresSourceConfig, SnapshotMode};
-use config::{Config, SnapshotSetting, SourceConfig};
+use bitclone9_postgres_source::{PostgresSourceConfig, SnapshotMode, TlsMode, TlsSettings};
+use config::{Config, SnapshotSetting, SourceConfig, SslModeSetting};
 
 /// The Kafka settings of a configuration.
 pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
@@ -54,6 +54,17 @@ pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
         heartbeat_interval: s.heartbeat_interval,
         status_interval: s.status_interval,
         connect_timeout: s.connect_timeout,
+        tls: TlsSettings {
+            mode: match s.sslmode {
+                SslModeSetting::Disable => TlsMode::Disable,
+                SslModeSetting::Require => TlsMode::Require,
+                SslModeSetting::VerifyCa => TlsMode::VerifyCa,
+                SslModeSetting::VerifyFull => TlsMode::VerifyFull,
+            },
+            root_cert: s.sslrootcert.clone(),
+            client_cert: s.sslcert.clone(),
+            client_key: s.sslkey.clone(),
+        },
     }
 }
 

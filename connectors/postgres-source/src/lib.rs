@@ -46,6 +46,96 @@ pub enum SnapshotMode {
     Never,
 }
 
+/// How the source's connections use TLS, with libpq's meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    #[default]
+    Disable,
+    /// Encrypt, but do not check the server's certificate.
+    Require,
+    /// Encrypt and check the certificate against the CA, not the host name.
+    VerifyCa,
+    /// Encrypt, check the certificate and that it names the host.
+    VerifyFull,
+}
+
+/// TLS settings of the source's connections (catalog and replication alike).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: TlsMode,
+    /// PEM file of the CA(s) that sign the server's certificate (else the system's roots).
+    pub root_cert: Option<std::path::PathBuf>,
+    /// Client certificate and PKCS#8 key (PEM), for servers that require one.
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl TlsSettings {
+    fn replication(&self) -> TlsConfig {
+        let cfg = match self.mode {
+            TlsMode::Disable => return TlsConfig::disabled(),
+            TlsMode::Require => TlsConfig::require(),
+            TlsMode::VerifyCa => TlsConfig::verify_ca(self.root_cert.clone()),
+            TlsMode::VerifyFull => TlsConfig::verify_full(self.root_cert.clone()),
+        };
+        match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => cfg.with_client_cert(c.clone(), k.clone()),
+            _ => cfg,
+        }
+    }
+
+    fn connector(&self) -> Result<postgres_native_tls::MakeTlsConnector, SourceError> {
+        let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+            SourceError::Misconfigured {
+                problem: format!("cannot use {what} {}: {e}", path.display()),
+                fix: format!("point {what} at a readable PEM file"),
+            }
+        };
+        let mut b = native_tls::TlsConnector::builder();
+        if let Some(ca) = &self.root_cert {
+            let pem = std::fs::read(ca).map_err(|e| bad("sslrootcert", ca, &e))?;
+            let cert =
+                native_tls::Certificate::from_pem(&pem).map_err(|e| bad("sslrootcert", ca, &e))?;
+            b.add_root_certificate(cert);
+        }
+        if let (Some(c), Some(k)) = (&self.client_cert, &self.client_key) {
+            let cert = std::fs::read(c).map_err(|e| bad("sslcert", c, &e))?;
+            let key = std::fs::read(k).map_err(|e| bad("sslkey", k, &e))?;
+            let id = native_tls::Identity::from_pkcs8(&cert, &key)
+                .map_err(|e| bad("sslcert/sslkey", c, &e))?;
+            b.identity(id);
+        }
+        match self.mode {
+            TlsMode::Require => {
+                b.danger_accept_invalid_certs(true)
+                    .danger_accept_invalid_hostnames(true);
+            }
+            TlsMode::VerifyCa => {
+                b.danger_accept_invalid_hostnames(true);
+            }
+            TlsMode::VerifyFull | TlsMode::Disable => {}
+        }
+        let connector = b.build().map_err(|e| SourceError::Misconfigured {
+            problem: format!("cannot set up TLS: {e}"),
+            fix: "check sslrootcert, sslcert and sslkey".into(),
+        })?;
+        Ok(postgres_native_tls::MakeTlsConnector::new(connector))
+    }
+}
+
+/// Turns a connection failure into an error that names the server and, for certificate
+/// trouble, the setting to look at.
+fn unreachable(target: String, detail: String, tls: &TlsSettings) -> SourceError {
+    let lower = detail.to_lowercase();
+    if tls.mode != TlsMode::Disable && (lower.contains("certificate") || lower.contains("tls")) {
+        return SourceError::Misconfigured {
+            problem: format!("TLS with PostgreSQL at {target} failed: {detail}"),
+            fix: "check sslrootcert (the CA that signed the server's certificate) and, for verify-full, that the certificate names the host".into(),
+        };
+    }
+    SourceError::Unreachable { target, detail }
+}
+
 /// Everything the source needs to know.
 #[derive(Debug, Clone)]
 pub struct PostgresSourceConfig {
@@ -66,6 +156,7 @@ pub struct PostgresSourceConfig {
     /// How often the confirmed position is reported to the server.
     pub status_interval: Duration,
     pub connect_timeout: Duration,
+    pub tls: TlsSettings,
 }
 
 /// What the daemon remembers of this source between runs.
@@ -195,19 +286,35 @@ async fn connect_sql(cfg: &PostgresSourceConfig) -> Result<tokio_postgres::Clien
         .application_name(format!("bitclone9-{}", cfg.name))
         .connect_timeout(cfg.connect_timeout)
         .options(session_options());
-    let (sql, conn) =
-        pg.connect(tokio_postgres::NoTls)
+    let detail = |e: tokio_postgres::Error| {
+        let mut d = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string());
+        let mut src = std::error::Error::source(&e);
+        while let Some(inner) = src {
+            d.push_str(&format!(": {inner}"));
+            src = inner.source();
+        }
+        d
+    };
+    let (sql, conn) = if cfg.tls.mode == TlsMode::Disable {
+        let (sql, conn) = pg
+            .connect(tokio_postgres::NoTls)
             .await
-            .map_err(|e| SourceError::Unreachable {
-                target,
-                detail: e
-                    .as_db_error()
-                    .map(|d| d.message().to_string())
-                    .unwrap_or_else(|| e.to_string()),
-            })?;
+            .map_err(|e| unreachable(target, detail(e), &cfg.tls))?;
+        (sql, tokio::spawn(conn))
+    } else {
+        pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (sql, conn) = pg
+            .connect(cfg.tls.connector()?)
+            .await
+            .map_err(|e| unreachable(target, detail(e), &cfg.tls))?;
+        (sql, tokio::spawn(conn))
+    };
     let source_name = cfg.name.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        if let Ok(Err(e)) = conn.await {
             tracing::debug!(source = %source_name, error = %e, "catalog connection closed");
         }
     });
@@ -313,7 +420,7 @@ impl PostgresSource {
             cfg.publication.clone(),
         )
         .with_port(cfg.port)
-        .with_tls(TlsConfig::disabled())
+        .with_tls(cfg.tls.replication())
         .with_status_interval(cfg.status_interval)
         .with_wakeup_interval(Duration::from_secs(1))
         .with_buffer_size(16 * 1024)
@@ -324,13 +431,9 @@ impl PostgresSource {
                 rcfg = rcfg.with_start_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
             }
         }
-        let mut repl =
-            ReplicationClient::connect_gated(rcfg)
-                .await
-                .map_err(|e| SourceError::Unreachable {
-                    target: target.clone(),
-                    detail: e.to_string(),
-                })?;
+        let mut repl = ReplicationClient::connect_gated(rcfg)
+            .await
+            .map_err(|e| unreachable(target.clone(), e.to_string(), &cfg.tls))?;
 
         let (acked_tx, acked_rx) = watch::channel(resume.lsn.unwrap_or_default());
         let mut phase = Phase::Streaming;
