@@ -303,3 +303,91 @@ async fn sighup_reloads_and_restarts_only_changed_connectors() {
     cleanup(&db_a).await;
     cleanup(&db_b).await;
 }
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let dir = std::env::temp_dir().join(unique("bc9unit"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/bitclone9.service"
+    ))
+    .expect("unit file")
+    .replace("/usr/local/bin/bitclone9", &bin().display().to_string());
+    let path = dir.join("bitclone9.service");
+    std::fs::write(&path, unit).expect("write unit");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify: {text}"
+    );
+    for needle in [
+        "Type=notify",
+        "WatchdogSec=",
+        "ExecStartPre=",
+        "ExecReload=",
+        "StateDirectory=",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(
+            std::fs::read_to_string(&path)
+                .expect("read")
+                .contains(needle),
+            "unit has {needle}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_connector_on_every_pipeline_line() {
+    let db = unique("jsonlog");
+    fresh_db(&db)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("[daemon]", "[daemon]\nlog_format = \"json\"");
+    std::fs::write(&cfg, text).expect("write");
+    let mut daemon = Daemon::start(&cfg, "daemon");
+    daemon
+        .wait_log("streaming started", Duration::from_secs(60))
+        .await;
+    assert_eq!(daemon.terminate(), Some(0));
+    let mut pipeline_lines = 0;
+    for line in daemon.log_text().lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+        if v["target"].as_str().is_some_and(|t| {
+            t.starts_with("bitclone9_postgres_source") || t == "bitclone9::pipeline"
+        }) {
+            pipeline_lines += 1;
+            let named = v["span"]["connector"] == db.as_str()
+                || v["fields"]["connector"] == db.as_str()
+                || v["fields"]["source"] == db.as_str();
+            assert!(named, "a connector's line names it: {line}");
+        }
+    }
+    assert!(
+        pipeline_lines >= 3,
+        "pipeline lines were checked ({pipeline_lines})"
+    );
+    cleanup(&db).await;
+}
