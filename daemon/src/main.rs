@@ -40,13 +40,48 @@ enum Command {
         #[arg(long)]
         connect: bool,
     },
+    /// Show each connector's state: from the running daemon's /status, else from the checkpoint store.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show or drop the replication slots of the configured sources.
+    Slot {
+        #[command(subcommand)]
+        action: SlotAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlotAction {
+    /// Print each source's slot: active or not, confirmed and restart LSN, retained WAL.
+    Show {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Drop one source's slot and forget its checkpoint (the next start takes a new snapshot).
+    Drop {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The source whose slot to drop.
+        #[arg(long)]
+        source: String,
+        /// Confirm: dropping a slot loses the position; changes made until the next start are
+        /// only recovered by the new snapshot.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config_path, log_format) = match &cli.command {
         Command::Run { config, log_format } => (config, *log_format),
-        Command::Check { config, .. } => (config, None),
+        Command::Check { config, .. }
+        | Command::Status { config }
+        | Command::Slot {
+            action: SlotAction::Show { config } | SlotAction::Drop { config, .. },
+        } => (config, None),
     };
     let cfg = match Config::load(config_path) {
         Ok(c) => c,
@@ -72,6 +107,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config, .. } => runtime.block_on(run(cfg, config)),
         Command::Check { connect, .. } => runtime.block_on(check(cfg, connect)),
+        Command::Status { .. } => runtime.block_on(status_command(cfg)),
+        Command::Slot { action } => runtime.block_on(slot_command(cfg, action)),
     };
     match result {
         Ok(code) => code,
@@ -313,6 +350,154 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// GETs `path` from the admin endpoint; `None` when nothing answers there.
+async fn admin_get(cfg: &Config, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = cfg.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut stream = tokio::time::timeout(std::time::Duration::from_secs(3), connect)
+        .await
+        .ok()?
+        .ok()?;
+    let auth = cfg
+        .admin
+        .token
+        .as_deref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut buf),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+async fn status_command(cfg: Config) -> anyhow::Result<ExitCode> {
+    if let Some((code, body)) = admin_get(&cfg, "/status").await {
+        if code != 200 {
+            println!(
+                "the daemon at {} answered {code}: {}",
+                cfg.admin.listen,
+                body.trim()
+            );
+            return Ok(ExitCode::from(1));
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).context("reading /status")?;
+        println!(
+            "daemon running ({}), version {}",
+            cfg.admin.listen,
+            v["version"].as_str().unwrap_or("?")
+        );
+        if let Some(connectors) = v["connectors"].as_object() {
+            for (name, c) in connectors {
+                println!(
+                    "{name}: {} (slot {}, confirmed {}, restarts {}){}",
+                    c["state"].as_str().unwrap_or("?"),
+                    c["slot"].as_str().unwrap_or("?"),
+                    c["confirmed_lsn"].as_str().unwrap_or("none"),
+                    c["restarts"],
+                    c["last_error"]
+                        .as_str()
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "daemon not running (nothing answers on {}); from the checkpoint store:",
+        cfg.admin.listen
+    );
+    let store = CheckpointStore::open(&cfg.daemon.state_dir)?;
+    for name in cfg.sources.keys() {
+        let r = store.load_source(name)?;
+        println!(
+            "{name}: checkpoint {}, snapshot {}",
+            r.lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "none".into()),
+            if r.snapshot_done { "done" } else { "not done" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn slot_command(cfg: Config, action: SlotAction) -> anyhow::Result<ExitCode> {
+    match action {
+        SlotAction::Show { .. } => {
+            let mut failed = false;
+            for (name, s) in &cfg.sources {
+                let sc = bitclone9::source_settings(name, s);
+                match bitclone9_postgres_source::slot_status(&sc).await {
+                    Ok(Some(slot)) => println!(
+                        "{name}: slot {} {} (pid {}), confirmed {}, restart {}, retains {} bytes, wal_status {}",
+                        sc.slot,
+                        if slot.active_pid.is_some() { "active" } else { "inactive" },
+                        slot.active_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        slot.confirmed_flush.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                        slot.restart_lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                        slot.retained_bytes.unwrap_or(0),
+                        slot.wal_status.as_deref().unwrap_or("-"),
+                    ),
+                    Ok(None) => println!("{name}: slot {} does not exist", sc.slot),
+                    Err(e) => {
+                        failed = true;
+                        println!("{name}: FAILED: {e}");
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        SlotAction::Drop { source, yes, .. } => {
+            let Some(s) = cfg.sources.get(&source) else {
+                eprintln!("bitclone9: no source named {source:?} in the configuration");
+                return Ok(ExitCode::from(2));
+            };
+            if !yes {
+                eprintln!("bitclone9: dropping the slot of {source} loses its position; the next start takes a new snapshot. Add --yes to do it.");
+                return Ok(ExitCode::from(2));
+            }
+            let sc = bitclone9::source_settings(&source, s);
+            // The checkpoint store is locked while the daemon runs: refuse before touching the slot.
+            let store = CheckpointStore::open(&cfg.daemon.state_dir)
+                .context("stop bitclone9 before dropping a slot")?;
+            match bitclone9_postgres_source::drop_slot(&sc).await {
+                Ok(existed) => {
+                    store.clear_source(&source)?;
+                    tracing::info!(connector = %source, slot = %sc.slot, "admin action: slot dropped");
+                    println!(
+                        "{source}: slot {} {}; checkpoint cleared",
+                        sc.slot,
+                        if existed { "dropped" } else { "did not exist" }
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("{source}: FAILED: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
 }
 
 async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {

@@ -391,3 +391,88 @@ async fn json_logs_carry_the_connector_on_every_pipeline_line() {
     );
     cleanup(&db).await;
 }
+
+fn cli(cfg: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .env("TEST_PG_PASSWORD", stack().pg_password)
+        .output()
+        .expect("run bitclone9");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_slot_commands_with_the_daemon_up_and_down() {
+    let db = unique("cli");
+    fresh_db(&db)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let text = std::fs::read_to_string(&cfg).expect("read").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&cfg, text).expect("write");
+    let slot = format!("bitclone9_{db}");
+
+    let mut daemon = Daemon::start(&cfg, "daemon");
+    daemon
+        .wait_log("streaming started", Duration::from_secs(60))
+        .await;
+    let (code, out) = cli(&cfg, &["status"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("daemon running") && out.contains(&format!("{db}: streaming")),
+        "{out}"
+    );
+    let (code, out) = cli(&cfg, &["slot", "show"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&slot) && out.contains(" active"), "{out}");
+    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db]);
+    assert_eq!(code, Some(2), "needs --yes: {out}");
+    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db, "--yes"]);
+    assert_eq!(code, Some(1), "refused while the daemon runs: {out}");
+    assert!(out.contains("stop bitclone9"), "{out}");
+    assert_eq!(daemon.terminate(), Some(0));
+
+    let (code, out) = cli(&cfg, &["status"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("daemon not running")
+            && out.contains("snapshot done")
+            && !out.contains("checkpoint none"),
+        "{out}"
+    );
+    let (code, out) = cli(&cfg, &["slot", "show"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("inactive"), "{out}");
+    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db, "--yes"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("dropped"), "{out}");
+    assert!(
+        confirmed_flush(&admin().await, &slot).await.is_none(),
+        "the slot is gone"
+    );
+    let (_, out) = cli(&cfg, &["status"]);
+    assert!(
+        out.contains("checkpoint none") && out.contains("not done"),
+        "checkpoint cleared: {out}"
+    );
+    cleanup(&db).await;
+}

@@ -178,13 +178,17 @@ pub struct SlotInfo {
     pub database: Option<String>,
     pub active_pid: Option<i32>,
     pub confirmed_flush: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
     pub wal_status: Option<String>,
+    /// WAL the slot keeps: `pg_current_wal_lsn() - restart_lsn`.
+    pub retained_bytes: Option<i64>,
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status,
+                    restart_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -196,6 +200,8 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         active_pid: r.get(2),
         confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
         wal_status: r.get(4),
+        restart_lsn: r.get::<_, Option<String>>(5).and_then(|s| s.parse().ok()),
+        retained_bytes: r.get(6),
     }))
 }
 

@@ -329,6 +329,35 @@ pub async fn check(cfg: &PostgresSourceConfig) -> Result<Vec<TableId>, SourceErr
     catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await
 }
 
+/// The source's slot as the server sees it, or `None` when it does not exist.
+pub async fn slot_status(
+    cfg: &PostgresSourceConfig,
+) -> Result<Option<catalog::SlotInfo>, SourceError> {
+    let sql = connect_sql(cfg).await?;
+    catalog::slot_info(&sql, &cfg.slot).await
+}
+
+/// Drops the source's slot (the server then frees the WAL it kept). Refuses a slot in use.
+/// Returns whether there was one.
+pub async fn drop_slot(cfg: &PostgresSourceConfig) -> Result<bool, SourceError> {
+    let sql = connect_sql(cfg).await?;
+    match catalog::slot_info(&sql, &cfg.slot).await? {
+        None => Ok(false),
+        Some(s) if s.active_pid.is_some() => Err(SourceError::Misconfigured {
+            problem: format!(
+                "replication slot '{}' is in use by process {}",
+                cfg.slot,
+                s.active_pid.unwrap_or_default()
+            ),
+            fix: "stop bitclone9 (or the other consumer) first".into(),
+        }),
+        Some(_) => {
+            catalog::drop_slot(&sql, &cfg.slot).await?;
+            Ok(true)
+        }
+    }
+}
+
 /// A running PostgreSQL source.
 pub struct PostgresSource {
     cfg: PostgresSourceConfig,
