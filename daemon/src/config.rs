@@ -493,6 +493,34 @@ fn world_readable_secrets(file: &Path, text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The value of `${name}`: an environment variable, `file:PATH` (the file's content), or
+/// `credential:NAME` (a systemd credential, `$CREDENTIALS_DIRECTORY/NAME`). Trailing newlines of
+/// files are dropped.
+fn resolve_reference(name: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let read = |path: std::path::PathBuf, what: &str| {
+        std::fs::read_to_string(&path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+            .map_err(|e| {
+                format!(
+                    "cannot read {what} {} (referenced as ${{{name}}}): {e}",
+                    path.display()
+                )
+            })
+    };
+    if let Some(file) = name.strip_prefix("file:") {
+        return read(PathBuf::from(file), "file");
+    }
+    if let Some(cred) = name.strip_prefix("credential:") {
+        let dir = env("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+            format!("${{{name}}} needs systemd's CREDENTIALS_DIRECTORY (LoadCredential={cred}:... in the unit), which is not set")
+        })?;
+        return read(PathBuf::from(dir).join(cred), "credential");
+    }
+    env(name).ok_or_else(|| {
+        format!("environment variable {name} is not set (referenced as ${{{name}}})")
+    })
+}
+
 /// Replaces `${VAR}` in every string with the environment variable's value (`$${` for a literal
 /// `${`). Errors carry the key path.
 fn interpolate(
@@ -519,14 +547,7 @@ fn interpolate(
                     )
                 })?;
                 let name = &rest[i + 2..i + end];
-                let v = env(name).ok_or_else(|| {
-                    (
-                        path.join("."),
-                        format!(
-                            "environment variable {name} is not set (referenced as ${{{name}}})"
-                        ),
-                    )
-                })?;
+                let v = resolve_reference(name, env).map_err(|m| (path.join("."), m))?;
                 out.push_str(&v);
                 rest = &rest[i + end + 1..];
             }
@@ -638,6 +659,34 @@ database = "shop"
         assert_eq!(path, "sources.demo.heartbeat_interval");
 
         assert!(matches!(parse("[kafka\n"), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
+    fn secrets_from_files_and_systemd_credentials() {
+        let dir = std::env::temp_dir().join(format!("bc9-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("pg"), "from-credential\n").expect("write");
+        std::fs::write(dir.join("pw.txt"), "from-file\n").expect("write");
+        let creds = dir.display().to_string();
+        let env = |n: &str| match n {
+            "CREDENTIALS_DIRECTORY" => Some(creds.clone()),
+            _ => None,
+        };
+        let text = GOOD.replace("${PGPASS}", "${credential:pg}");
+        let c = Config::parse(Path::new("t.toml"), &text, &env).expect("credential");
+        assert_eq!(c.sources["demo"].password, "from-credential");
+        let text = GOOD.replace("${PGPASS}", &format!("${{file:{}/pw.txt}}", dir.display()));
+        let c = Config::parse(Path::new("t.toml"), &text, &env).expect("file");
+        assert_eq!(c.sources["demo"].password, "from-file");
+        let text = GOOD.replace("${PGPASS}", "${credential:missing}");
+        match Config::parse(Path::new("t.toml"), &text, &env) {
+            Err(ConfigError::Invalid { path, message, .. }) => {
+                assert_eq!(path, "sources.demo.password");
+                assert!(message.contains("missing"), "{message}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
