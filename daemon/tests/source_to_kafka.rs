@@ -667,3 +667,73 @@ async fn idle_captured_database_does_not_hold_wal() {
     cleanup(&db).await;
     cleanup(&busy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_load_checkpoints_confirms_and_loses_nothing() {
+    let db = unique("term");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE load (id bigint PRIMARY KEY, payload text)")
+        .await
+        .expect("setup");
+    let admin = admin_in(&db).await;
+    let slot = format!("bitclone9_{db}");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load_db = db.clone();
+    let load = tokio::spawn(async move {
+        let s = stack();
+        let c = connect(&load_db, &s.pg_user, &s.pg_password).await;
+        let mut next = 0i64;
+        while !*stop_rx.borrow() {
+            c.batch_execute(&format!(
+                "INSERT INTO load SELECT g, 'x' FROM generate_series({next}, {}) g",
+                next + 9
+            ))
+            .await
+            .expect("load insert");
+            next += 10;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        next
+    });
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let mut daemon = Daemon::start(&cfg, "daemon");
+    daemon.wait_log("streaming started", SECS(60)).await;
+    tokio::time::sleep(SECS(2)).await;
+    assert_eq!(daemon.terminate(), Some(0), "SIGTERM under load exits 0");
+    // The final position was checkpointed and confirmed to the slot before exiting.
+    let log = daemon.log_text();
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("pipeline stopped") && l.contains("lsn=Some"))
+        .unwrap_or_else(|| panic!("final position logged: {log}"));
+    let final_lsn: bitclone9_core::Lsn = stopped
+        .split("lsn=Some(\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|l| l.parse().ok())
+        .expect("final LSN");
+    let confirmed = confirmed_flush(&admin, &slot).await.expect("slot");
+    assert!(
+        confirmed >= final_lsn.0,
+        "slot confirmed {confirmed:X}, final checkpoint {final_lsn}"
+    );
+
+    let mut daemon = Daemon::start(&cfg, "daemon2");
+    daemon.wait_log("streaming started", SECS(60)).await;
+    stop_tx.send(true).expect("stop load");
+    let inserted = load.await.expect("load");
+    let end = current_lsn(&admin).await;
+    wait_confirmed(&admin, &slot, end, SECS(60)).await;
+    let records = consume(&spec.topic("load"), inserted as usize, SECS(3), SECS(120)).await;
+    let ids: HashSet<i64> = records.iter().filter_map(|r| r.key_long("id")).collect();
+    for id in 0..inserted {
+        assert!(
+            ids.contains(&id),
+            "row {id} committed around the stop is on Kafka"
+        );
+    }
+    assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
+}

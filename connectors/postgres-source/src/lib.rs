@@ -909,9 +909,32 @@ impl PostgresSource {
 
     /// Stops the replication session, confirming `final_lsn` first.
     pub async fn shutdown(mut self, final_lsn: Option<Lsn>) {
-        if let Some(lsn) = final_lsn {
+        if let (Some(lsn), true) = (final_lsn, self.stream_started) {
+            // The replication client reports progress on its status interval and sends no last
+            // report when stopped: wait until the server has it, so a clean stop leaves the slot
+            // exactly at the final checkpoint.
             self.repl
                 .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+            let deadline =
+                tokio::time::Instant::now() + self.cfg.status_interval * 2 + Duration::from_secs(2);
+            let target = lsn.to_string();
+            while tokio::time::Instant::now() < deadline {
+                let confirmed = self
+                    .sql
+                    .query_opt(
+                        "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&self.cfg.slot, &target],
+                    )
+                    .await;
+                match confirmed {
+                    Ok(Some(row)) if row.get::<_, Option<bool>>(0) == Some(true) => break,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => {
+                        tracing::debug!(source = %self.cfg.name, error = %e, "cannot read the slot's position at stop");
+                        break;
+                    }
+                }
+            }
         }
         if self.stream_started {
             if let Err(e) = self.repl.shutdown().await {
