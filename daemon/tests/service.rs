@@ -476,3 +476,62 @@ async fn status_and_slot_commands_with_the_daemon_up_and_down() {
     );
     cleanup(&db).await;
 }
+
+/// Every metric the code exports is documented, and the shipped dashboard and alert rules only
+/// use metrics that exist.
+#[test]
+fn metrics_docs_dashboard_and_alerts_agree_with_the_code() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read =
+        |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let names = |text: &str| -> std::collections::BTreeSet<String> {
+        text.match_indices("bitclone9_")
+            .map(|(i, _)| {
+                text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|n| {
+                n.ends_with("_total")
+                    || n.ends_with("_bytes")
+                    || n.ends_with("_seconds")
+                    || n.ends_with("_lsn")
+                    || n.ends_with("_up")
+            })
+            .collect()
+    };
+    let mut code = String::new();
+    for f in [
+        "daemon/src/pipeline.rs",
+        "daemon/src/status.rs",
+        "connectors/kafka/src/lib.rs",
+        "connectors/postgres-source/src/lib.rs",
+    ] {
+        code.push_str(&read(f));
+    }
+    let exported = names(&code);
+    assert!(
+        exported.len() >= 8,
+        "found the exported metrics: {exported:?}"
+    );
+    let documented = names(&read("docs/metrics.md"));
+    assert_eq!(
+        exported, documented,
+        "docs/metrics.md lists exactly the exported metrics"
+    );
+    for file in [
+        "config/grafana-dashboard.json",
+        "config/prometheus-alerts.yml",
+    ] {
+        for used in names(&read(file)) {
+            assert!(
+                exported.contains(&used),
+                "{file} uses {used}, which is not exported"
+            );
+        }
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("config/grafana-dashboard.json")).expect("dashboard is JSON");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 5));
+}
