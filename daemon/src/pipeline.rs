@@ -172,7 +172,7 @@ async fn run_once(
     let mut writer = EventWriter::connect(&cfg.kafka, cfg.topics.clone(), info).await?;
     let mut source = PostgresSource::start(cfg.source.clone(), resume).await?;
 
-    let (ack_tx, ack_rx) = mpsc::channel::<Vec<AckItem>>(64);
+    let (ack_tx, ack_rx) = mpsc::channel::<(Instant, Vec<AckItem>)>(64);
     let mut acker = tokio::spawn(acker(
         name.clone(),
         ack_rx,
@@ -220,6 +220,8 @@ async fn run_once(
         if state == ConnectorState::Snapshotting && !source.snapshotting() {
             state = ConnectorState::Streaming;
             status.set_state(&name, state);
+        } else if let Some((table, rows)) = source.snapshot_progress() {
+            status.set_detail(&name, format!("table {table}, {rows} rows read"));
         } else {
             status.touch(&name);
         }
@@ -265,7 +267,7 @@ async fn run_once(
                 .sum();
             records.increment(sent as u64);
             // One hand-over per batch: the acker sees deliveries and positions in WAL order.
-            let _ = ack_tx.send(items).await;
+            let _ = ack_tx.send((Instant::now(), items)).await;
         }
         events_c.increment(counts[Op::Insert as usize]);
         events_u.increment(counts[Op::Update as usize]);
@@ -299,12 +301,14 @@ async fn run_once(
 /// Awaits deliveries in order; checkpoints and confirms positions they cover.
 async fn acker(
     name: String,
-    mut rx: mpsc::Receiver<Vec<AckItem>>,
+    mut rx: mpsc::Receiver<(Instant, Vec<AckItem>)>,
     store: Arc<CheckpointStore>,
     status: Arc<Status>,
     ack: AckHandle,
 ) -> Result<(), PipelineError> {
     let confirmed = metrics::gauge!("bitclone9_source_confirmed_lsn", "connector" => name.clone());
+    let delivery =
+        metrics::histogram!("bitclone9_kafka_delivery_seconds", "connector" => name.clone());
     let checkpointed_at =
         metrics::gauge!("bitclone9_checkpoint_timestamp_seconds", "connector" => name.clone());
     let mut pending: Option<Lsn> = None;
@@ -338,7 +342,7 @@ async fn acker(
         } else {
             rx.recv().await
         };
-        let Some(batch) = batch else { break };
+        let Some((sent_at, batch)) = batch else { break };
         for item in batch {
             match item {
                 AckItem::Deliveries(deliveries) => {
@@ -367,6 +371,7 @@ async fn acker(
                 }
             }
         }
+        delivery.record(sent_at.elapsed().as_secs_f64());
         if let Some(lsn) = pending {
             if last_write.elapsed() >= CHECKPOINT_EVERY {
                 flush(lsn)?;

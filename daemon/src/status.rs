@@ -25,6 +25,8 @@ pub struct ConnectorStatus {
     pub confirmed_lsn: Option<String>,
     pub restarts: u64,
     pub last_error: Option<String>,
+    /// What the current state is working on, e.g. the table being snapshotted.
+    pub detail: Option<String>,
     /// Seconds since the pipeline last made a step (read a batch, or waited out a backoff).
     pub idle_s: f64,
     #[serde(skip)]
@@ -52,6 +54,7 @@ impl Status {
                 confirmed_lsn: None,
                 restarts: 0,
                 last_error: None,
+                detail: None,
                 idle_s: 0.0,
                 alive_at: Instant::now(),
             });
@@ -74,8 +77,16 @@ impl Status {
         map.remove(name);
     }
 
+    /// Says what the connector is working on (cleared when its state changes).
+    pub fn set_detail(&self, name: &str, detail: String) {
+        self.update(name, |c| c.detail = Some(detail));
+    }
+
     pub fn set_state(&self, name: &str, state: ConnectorState) {
         self.update(name, |c| {
+            if c.state != state {
+                c.detail = None;
+            }
             if state == ConnectorState::Streaming {
                 c.last_error = None;
             }
@@ -156,7 +167,10 @@ impl Status {
                         .take(120)
                         .collect::<String>()
                 ),
-                (state, _) => format!("{name}: {}", format!("{state:?}").to_lowercase()),
+                (state, _) => match &c.detail {
+                    Some(d) => format!("{name}: {} ({d})", format!("{state:?}").to_lowercase()),
+                    None => format!("{name}: {}", format!("{state:?}").to_lowercase()),
+                },
             })
             .collect::<Vec<_>>()
             .join("; ")

@@ -513,6 +513,18 @@ impl PostgresSource {
                         catalog::table_schema(&sql, &mut known_types, t).await?,
                     ));
                 }
+                // The planner's row estimate, so operators can see how far the snapshot is.
+                let ids: Vec<u32> = schemas.iter().map(|t| t.relation_id).collect();
+                let estimate: f64 = sql
+                    .query_one(
+                        "SELECT coalesce(sum(greatest(reltuples, 0)), 0)::float8 FROM pg_class WHERE oid = ANY($1)",
+                        &[&ids],
+                    )
+                    .await
+                    .map_err(|e| SourceError::from_postgres("estimating the snapshot's size", e))?
+                    .get(0);
+                metrics::gauge!("bitclone9_snapshot_rows_estimated", "connector" => cfg.name.clone())
+                    .set(estimate);
                 phase = Phase::Snapshot(Box::new(SnapshotState {
                     tables: schemas,
                     current: None,
@@ -554,6 +566,14 @@ impl PostgresSource {
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// The table the snapshot is reading and how many of its rows are read so far.
+    pub fn snapshot_progress(&self) -> Option<(&TableId, u64)> {
+        match &self.phase {
+            Phase::Snapshot(s) => s.current.as_ref().map(|(t, _)| (&t.id, s.seq)),
+            Phase::Streaming => None,
+        }
     }
 
     /// Whether the source is still reading its snapshot.
