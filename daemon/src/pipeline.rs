@@ -170,7 +170,8 @@ async fn run_once(
         db: cfg.source.database.clone(),
     };
     let mut writer = EventWriter::connect(&cfg.kafka, cfg.topics.clone(), info).await?;
-    let mut source = PostgresSource::start(cfg.source.clone(), resume).await?;
+    let forget = || store.clear_source(&name).map_err(|e| e.to_string());
+    let mut source = PostgresSource::start(cfg.source.clone(), resume, &forget).await?;
 
     let (ack_tx, ack_rx) = mpsc::channel::<(Instant, Vec<AckItem>)>(64);
     let mut acker = tokio::spawn(acker(
@@ -282,12 +283,26 @@ async fn run_once(
     // Stop reading; let every record already handed to librdkafka be acknowledged, then
     // checkpoint and confirm the last position they cover.
     drop(ack_tx);
+    let mut result = result;
     let final_lsn = if result.is_ok() {
         let _ = tokio::task::block_in_place(|| writer.flush(Duration::from_secs(30)));
         match tokio::time::timeout(Duration::from_secs(30), &mut acker).await {
-            Ok(Ok(Ok(()))) => store.load_source(&name)?.lsn,
-            Ok(Ok(Err(e))) => return Err(e),
-            _ => None,
+            Ok(Ok(Ok(()))) => match store.load_source(&name) {
+                Ok(r) => r.lsn,
+                Err(e) => {
+                    result = Err(e.into());
+                    None
+                }
+            },
+            Ok(Ok(Err(e))) => {
+                result = Err(e);
+                None
+            }
+            _ => {
+                // Never leave an acker running beside the next run's.
+                acker.abort();
+                None
+            }
         }
     } else {
         acker.abort();

@@ -581,12 +581,20 @@ async fn unchanged_toast_is_flagged_never_faked() {
         .await
         .expect("update");
     client
-        .batch_execute("ALTER TABLE doc REPLICA IDENTITY FULL; UPDATE doc SET n = 2 WHERE id = 1;")
+        .batch_execute("UPDATE doc SET id = 2 WHERE id = 1")
+        .await
+        .expect("key change");
+    client
+        .batch_execute("ALTER TABLE doc REPLICA IDENTITY FULL; UPDATE doc SET n = 2 WHERE id = 2;")
         .await
         .expect("update under full identity");
 
-    let records = consume(&spec.topic("doc"), 3, SECS(3), SECS(60)).await;
-    assert_eq!(records.len(), 3, "insert and two updates");
+    let records = consume(&spec.topic("doc"), 5, SECS(3), SECS(60)).await;
+    assert_eq!(
+        records.len(),
+        5,
+        "insert, two updates, a key change with its tombstone"
+    );
     let unchanged =
         |r: &Record| match common::field(r.value.as_ref().expect("value"), "unchanged_columns") {
             Avro::Array(items) => items.clone(),
@@ -606,10 +614,16 @@ async fn unchanged_toast_is_flagged_never_faked() {
     );
     assert_eq!(unchanged(&records[1]), vec![Avro::String("body".into())]);
 
+    // A key change sends only the old key: its NULLs must not pass for the unchanged value.
+    assert_eq!(after(&records[2])["id"], Avro::Int(2));
+    assert_eq!(after(&records[2])["body"], Avro::Null, "no value made up");
+    assert_eq!(unchanged(&records[2]), vec![Avro::String("body".into())]);
+    assert!(records[3].value.is_none(), "tombstone for the old key");
+
     // REPLICA IDENTITY FULL: the old row carries the value, so the new row is complete.
-    assert_eq!(after(&records[2])["n"], Avro::Int(2));
-    assert_eq!(after(&records[2])["body"], Avro::String(body));
-    assert!(unchanged(&records[2]).is_empty());
+    assert_eq!(after(&records[4])["n"], Avro::Int(2));
+    assert_eq!(after(&records[4])["body"], Avro::String(body));
+    assert!(unchanged(&records[4]).is_empty());
     assert_eq!(daemon.terminate(), Some(0));
     cleanup(&db).await;
 }
@@ -734,6 +748,54 @@ async fn sigterm_during_load_checkpoints_confirms_and_loses_nothing() {
             "row {id} committed around the stop is on Kafka"
         );
     }
+    assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_checkpoint_from_another_slot_is_forgotten_when_the_slot_is_recreated() {
+    let db = unique("stale");
+    let client = fresh_db(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .await
+        .expect("setup");
+    let spec = SourceSpec::new(&db);
+    let (cfg, dir) = write_config(&spec, "");
+    // A checkpoint left by a slot on another server, far ahead of this one's WAL.
+    {
+        let store =
+            bitclone9::checkpoint::CheckpointStore::open(&dir.join("state")).expect("store");
+        store
+            .mark_snapshot_done(&db, bitclone9_core::Lsn(u64::MAX / 4))
+            .expect("stale record");
+    }
+    let mut daemon = Daemon::start(&cfg, "daemon");
+    daemon.wait_log("streaming started", SECS(60)).await;
+    client
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect("insert");
+    let admin = admin_in(&db).await;
+    let slot = format!("bitclone9_{db}");
+    let end = current_lsn(&admin).await;
+    wait_confirmed(&admin, &slot, end, SECS(30)).await;
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // After a restart it resumes from the new slot's position, not the stale one.
+    let mut daemon = Daemon::start(&cfg, "daemon2");
+    daemon.wait_log("streaming started", SECS(60)).await;
+    client
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .expect("insert");
+    let records = consume(&spec.topic("t"), 3, SECS(3), SECS(60)).await;
+    let ids: HashSet<i64> = records.iter().filter_map(|r| r.key_long("id")).collect();
+    assert_eq!(
+        ids,
+        HashSet::from([1, 2, 3]),
+        "the snapshot row and both later rows arrive"
+    );
     assert_eq!(daemon.terminate(), Some(0));
     cleanup(&db).await;
 }

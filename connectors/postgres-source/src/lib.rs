@@ -394,9 +394,14 @@ fn now_us() -> i64 {
 impl PostgresSource {
     /// Connects, checks the server, makes sure the publication and slot exist, and prepares the
     /// snapshot when one is due.
+    ///
+    /// `forget_position` runs before a new slot is created: the stored position and snapshot
+    /// record belong to the old slot and must not survive it (positions of a new slot, e.g. on
+    /// a restored server, may be lower, and a stale record would skip the new snapshot).
     pub async fn start(
         cfg: PostgresSourceConfig,
         resume: ResumeState,
+        forget_position: &(dyn Fn() -> Result<(), String> + Sync),
     ) -> Result<Self, SourceError> {
         let target = format!("{}:{} (database {})", cfg.host, cfg.port, cfg.database);
         let sql = connect_sql(&cfg).await?;
@@ -464,11 +469,22 @@ impl PostgresSource {
             .await
             .map_err(|e| unreachable(target.clone(), e.to_string(), &cfg.tls))?;
 
-        let (acked_tx, acked_rx) = watch::channel(resume.lsn.unwrap_or_default());
+        let (acked_tx, acked_rx) = watch::channel(if need_slot {
+            Lsn(0)
+        } else {
+            resume.lsn.unwrap_or_default()
+        });
         let mut phase = Phase::Streaming;
         let mut announce_snapshot_done = None;
         let mut known_types = HashMap::new();
         if need_slot {
+            forget_position().map_err(|e| SourceError::Misconfigured {
+                problem: format!(
+                    "cannot clear the stored position before creating slot '{}': {e}",
+                    cfg.slot
+                ),
+                fix: "check the daemon's state_dir".into(),
+            })?;
             let export = cfg.snapshot == SnapshotMode::Initial;
             let sqlcmd = format!(
                 "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
@@ -734,7 +750,8 @@ impl PostgresSource {
         out: &mut Vec<SourceEvent>,
     ) -> Result<(), SourceError> {
         let msg = pgoutput::decode(data)?;
-        let (op, relation_id, before, after) = match msg {
+        // `full_old`: the old row is complete (REPLICA IDENTITY FULL), not just its key.
+        let (op, relation_id, before, after, full_old) = match msg {
             Message::Relation {
                 relation_id,
                 namespace,
@@ -759,16 +776,20 @@ impl PostgresSource {
                 self.relations.insert(relation_id, Arc::new(schema));
                 return Ok(());
             }
-            Message::Insert { relation_id, new } => (Op::Insert, relation_id, None, Some(new)),
+            Message::Insert { relation_id, new } => {
+                (Op::Insert, relation_id, None, Some(new), false)
+            }
             Message::Update {
                 relation_id,
                 old,
                 new,
-                ..
-            } => (Op::Update, relation_id, old, Some(new)),
+                old_is_key_only,
+            } => (Op::Update, relation_id, old, Some(new), !old_is_key_only),
             Message::Delete {
-                relation_id, old, ..
-            } => (Op::Delete, relation_id, Some(old), None),
+                relation_id,
+                old,
+                old_is_key_only,
+            } => (Op::Delete, relation_id, Some(old), None, !old_is_key_only),
             Message::Truncate { relation_ids, .. } => {
                 let tx = self.current_tx();
                 for id in relation_ids {
@@ -790,10 +811,13 @@ impl PostgresSource {
         let table = self.relation(relation_id)?;
         let before = before.map(|t| parse_tuple(&table, &t)).transpose()?;
         let mut after = after.map(|t| parse_tuple(&table, &t)).transpose()?;
-        // Under REPLICA IDENTITY FULL the old row has the unchanged TOAST values: use them.
-        if let (Some(b), Some(a)) = (&before, &mut after) {
+        // Under REPLICA IDENTITY FULL the old row has the unchanged TOAST values: use them. A
+        // key-only old row has NULL in the other columns, which must not replace the marker.
+        if let (true, Some(b), Some(a)) = (full_old, &before, &mut after) {
             for (new, old) in a.iter_mut().zip(b) {
-                if *new == Value::UnchangedToast && *old != Value::UnchangedToast {
+                if *new == Value::UnchangedToast
+                    && !matches!(old, Value::UnchangedToast | Value::Null)
+                {
                     *new = old.clone();
                 }
             }

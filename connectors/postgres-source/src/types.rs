@@ -338,7 +338,7 @@ fn parse_date(text: &str) -> Option<i32> {
 /// `HH:MM:SS[.ffffff]` → (microseconds since midnight, rest).
 fn parse_time_prefix(text: &str) -> Option<(i64, &str)> {
     let b = text.as_bytes();
-    if b.len() < 8 || b[2] != b':' || b[5] != b':' {
+    if b.len() < 8 || !b[..8].is_ascii() || b[2] != b':' || b[5] != b':' {
         return None;
     }
     let h: i64 = text[0..2].parse().ok()?;
@@ -495,6 +495,11 @@ mod tests {
         assert_eq!(parse_time("13:14:15.5"), Some(47_655_500_000));
         assert_eq!(parse_time("24:00:00"), Some(86_400_000_000));
         assert_eq!(parse_time("1:00:00"), None);
+        assert_eq!(
+            parse_time("12:0é:00"),
+            None,
+            "non-ASCII is refused, not a panic"
+        );
         assert_eq!(parse_timestamp("1970-01-01 00:00:01"), Some(1_000_000));
         assert_eq!(
             parse_timestamp("2024-02-29 12:30:45.123456+00"),
