@@ -632,7 +632,12 @@ impl PostgresSource {
                         self.repl.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
                     }
                 }
-                _ = self.heartbeat.tick() => self.write_heartbeat().await,
+                _ = self.heartbeat.tick() => {
+                    // A hung catalog connection must not stop the stream from being read.
+                    if tokio::time::timeout(self.cfg.connect_timeout, self.write_heartbeat()).await.is_err() {
+                        tracing::warn!(source = %self.cfg.name, "heartbeat timed out");
+                    }
+                }
             }
         };
         self.handle_event(first, out).await?;
@@ -757,9 +762,20 @@ impl PostgresSource {
                 namespace,
                 name,
                 columns,
-                ..
+                replica_identity,
             } => {
-                let key = catalog::key_columns(&self.sql, relation_id).await?;
+                // The key as the WAL describes it (the replica identity, which old rows carry),
+                // not today's catalog. Under REPLICA IDENTITY FULL every column is flagged, so
+                // the primary key is taken from the catalog instead.
+                let key = if replica_identity == b'f' {
+                    catalog::key_columns(&self.sql, relation_id).await?
+                } else {
+                    columns
+                        .iter()
+                        .filter(|c| c.is_identity)
+                        .map(|c| c.name.clone())
+                        .collect()
+                };
                 let cols: Vec<(String, u32, i32)> = columns
                     .iter()
                     .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
