@@ -177,7 +177,20 @@ async fn admin_endpoint_metrics_health_readiness_status_and_token() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = parse_prometheus(&http_get(&addr, "/metrics", token).await.1);
+    // The checkpoint is written when the stream pauses (at most every 200 ms): wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let metrics = loop {
+        let m = parse_prometheus(&http_get(&addr, "/metrics", token).await.1);
+        let written = m.iter().any(|(k, v)| {
+            k.starts_with("bitclone9_checkpoint_timestamp_seconds")
+                && k.contains(&format!("connector=\"{db}\""))
+                && *v > 1.6e9
+        });
+        if written || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let gauge = |name: &str| {
         metrics
             .iter()
