@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 use std::time::Duration;
 
 fn check(config_text: &str, connect: bool) -> (Option<i32>, String) {
@@ -12,21 +11,12 @@ fn check(config_text: &str, connect: bool) -> (Option<i32>, String) {
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("bad.toml");
     std::fs::write(&path, config_text).expect("write");
-    let mut cmd = Command::new(bin());
-    cmd.arg("check")
-        .arg("--config")
-        .arg(&path)
-        .env("TEST_PG_PASSWORD", stack().pg_password);
-    if connect {
-        cmd.arg("--connect");
-    }
-    let out = cmd.output().expect("run bitclone9 check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    let args: &[&str] = if connect {
+        &["check", "--connect"]
+    } else {
+        &["check"]
+    };
+    cli(&path, args, &[])
 }
 
 fn good_config(db: &str, user: &str) -> String {
@@ -382,18 +372,12 @@ async fn secrets_never_appear_in_logs_or_output_and_clear_ones_are_flagged() {
     );
 
     let text = std::fs::read_to_string(&cfg).expect("read");
-    let out = Command::new(bin())
-        .args(["check", "--connect", "--config"])
-        .arg(&cfg)
-        .env("TEST_PG_PASSWORD", secret)
-        .output()
-        .expect("check");
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (code, printed) = cli(
+        &cfg,
+        &["check", "--connect"],
+        &[("TEST_PG_PASSWORD", secret)],
     );
-    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert_eq!(code, Some(1), "{printed}");
     assert!(
         !printed.contains(secret),
         "the secret leaked into check's output:\n{printed}"
@@ -403,12 +387,7 @@ async fn secrets_never_appear_in_logs_or_output_and_clear_ones_are_flagged() {
     let clear = text.replace("${TEST_PG_PASSWORD}", secret);
     std::fs::write(&cfg, &clear).expect("write");
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("check");
-    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (_, printed) = cli(&cfg, &["check"], &[]);
     assert!(
         printed.contains("readable by every user")
             && printed.contains(&format!("sources.{db}.password")),
@@ -419,11 +398,8 @@ async fn secrets_never_appear_in_logs_or_output_and_clear_ones_are_flagged() {
         "the warning names the key, not the value: {printed}"
     );
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("check");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("readable by every user"));
+    assert!(!cli(&cfg, &["check"], &[])
+        .1
+        .contains("readable by every user"));
     cleanup(&db).await;
 }

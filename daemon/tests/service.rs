@@ -405,24 +405,6 @@ async fn json_logs_carry_the_connector_on_every_pipeline_line() {
     cleanup(&db).await;
 }
 
-fn cli(cfg: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(bin())
-        .args(args)
-        .arg("--config")
-        .arg(cfg)
-        .env("TEST_PG_PASSWORD", stack().pg_password)
-        .output()
-        .expect("run bitclone9");
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_slot_commands_with_the_daemon_up_and_down() {
     let db = unique("cli");
@@ -448,23 +430,23 @@ async fn status_and_slot_commands_with_the_daemon_up_and_down() {
     daemon
         .wait_log("streaming started", Duration::from_secs(60))
         .await;
-    let (code, out) = cli(&cfg, &["status"]);
+    let (code, out) = cli(&cfg, &["status"], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("daemon running") && out.contains(&format!("{db}: streaming")),
         "{out}"
     );
-    let (code, out) = cli(&cfg, &["slot", "show"]);
+    let (code, out) = cli(&cfg, &["slot", "show"], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(&slot) && out.contains(" active"), "{out}");
-    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db]);
+    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db], &[]);
     assert_eq!(code, Some(2), "needs --yes: {out}");
-    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db, "--yes"]);
+    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db, "--yes"], &[]);
     assert_eq!(code, Some(1), "refused while the daemon runs: {out}");
     assert!(out.contains("stop bitclone9"), "{out}");
     assert_eq!(daemon.terminate(), Some(0));
 
-    let (code, out) = cli(&cfg, &["status"]);
+    let (code, out) = cli(&cfg, &["status"], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("daemon not running")
@@ -472,17 +454,17 @@ async fn status_and_slot_commands_with_the_daemon_up_and_down() {
             && !out.contains("checkpoint none"),
         "{out}"
     );
-    let (code, out) = cli(&cfg, &["slot", "show"]);
+    let (code, out) = cli(&cfg, &["slot", "show"], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("inactive"), "{out}");
-    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db, "--yes"]);
+    let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db, "--yes"], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("dropped"), "{out}");
     assert!(
         confirmed_flush(&admin().await, &slot).await.is_none(),
         "the slot is gone"
     );
-    let (_, out) = cli(&cfg, &["status"]);
+    let (_, out) = cli(&cfg, &["status"], &[]);
     assert!(
         out.contains("checkpoint none") && out.contains("not done"),
         "checkpoint cleared: {out}"

@@ -476,25 +476,7 @@ async fn sigkill_during_load_loses_nothing_and_never_confirms_ahead_of_kafka() {
     let slot = format!("bitclone9_{db}");
 
     // Load: transactions of 20 inserts, about 150 a second (bounded, so a debug build keeps up).
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load_db = db.clone();
-    let load = tokio::spawn(async move {
-        let s = stack();
-        let c = connect(&load_db, &s.pg_user, &s.pg_password).await;
-        let mut next = 0i64;
-        while !*stop_rx.borrow() {
-            c.batch_execute(&format!(
-                "INSERT INTO load SELECT g, repeat('x', 200) FROM generate_series({}, {}) g",
-                next,
-                next + 19
-            ))
-            .await
-            .expect("load insert");
-            next += 20;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        next
-    });
+    let (stop_tx, load) = start_insert_load(&db, "load", 20, 200);
 
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
@@ -692,24 +674,7 @@ async fn sigterm_during_load_checkpoints_confirms_and_loses_nothing() {
         .expect("setup");
     let admin = admin_in(&db).await;
     let slot = format!("bitclone9_{db}");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load_db = db.clone();
-    let load = tokio::spawn(async move {
-        let s = stack();
-        let c = connect(&load_db, &s.pg_user, &s.pg_password).await;
-        let mut next = 0i64;
-        while !*stop_rx.borrow() {
-            c.batch_execute(&format!(
-                "INSERT INTO load SELECT g, 'x' FROM generate_series({next}, {}) g",
-                next + 9
-            ))
-            .await
-            .expect("load insert");
-            next += 10;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        next
-    });
+    let (stop_tx, load) = start_insert_load(&db, "load", 10, 1);
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
     let mut daemon = Daemon::start(&cfg, "daemon");

@@ -105,18 +105,8 @@ if [ "$(id -u)" = 0 ]; then chown postgres server.key server.pem; fi"#,
         .expect("read")
         .replace("ca.pem", "wrong.pem");
     std::fs::write(&cfg, wrong).expect("write");
-    let out = Command::new(bin())
-        .args(["check", "--connect", "--config"])
-        .arg(&cfg)
-        .env("TEST_PG_PASSWORD", stack().pg_password)
-        .output()
-        .expect("check");
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(1), "{printed}");
+    let (code, printed) = cli(&cfg, &["check", "--connect"], &[]);
+    assert_eq!(code, Some(1), "{printed}");
     assert!(
         printed.contains("TLS with PostgreSQL") && printed.contains("sslrootcert"),
         "{printed}"

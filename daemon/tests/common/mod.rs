@@ -633,3 +633,57 @@ pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
         })
         .collect()
 }
+
+/// Inserts into `table (id bigint, payload text)` in transactions of `rows_per_tx` rows with
+/// `payload_len`-byte payloads, about 150 transactions a second (bounded, so a debug build keeps
+/// up), until told to stop; the task returns how many rows it inserted (ids 0..n).
+pub fn start_insert_load(
+    db: &str,
+    table: &str,
+    rows_per_tx: i64,
+    payload_len: i32,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<i64>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (db, table) = (db.to_string(), table.to_string());
+    let task = tokio::spawn(async move {
+        let s = stack();
+        let c = connect(&db, &s.pg_user, &s.pg_password).await;
+        let mut next = 0i64;
+        while !*stop_rx.borrow() {
+            c.batch_execute(&format!(
+                "INSERT INTO {table} SELECT g, repeat('x', {payload_len}) FROM generate_series({next}, {}) g",
+                next + rows_per_tx - 1
+            ))
+            .await
+            .expect("load insert");
+            next += rows_per_tx;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        next
+    });
+    (stop_tx, task)
+}
+
+/// Runs `bitclone9 ARGS --config CFG` with `env`; returns the exit code and stdout + stderr.
+pub fn cli(cfg: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .arg("--config")
+        .arg(cfg)
+        .env("TEST_PG_PASSWORD", stack().pg_password);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run bitclone9");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
