@@ -224,13 +224,6 @@ pub struct Change {
     pub snapshot: SnapshotMark,
 }
 
-impl Change {
-    /// The row whose key identifies this change: the new row, else the old one.
-    pub fn key_row(&self) -> Option<&Row> {
-        self.after.as_ref().or(self.before.as_ref())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -283,15 +283,10 @@ impl EventWriter {
                 table.id
             )));
         }
-        let known_topic = self.targets.values().any(|t| *t.topic == *topic);
-        let partitions = if known_topic {
-            self.targets
-                .values()
-                .find(|t| *t.topic == *topic)
-                .map(|t| t.partitions)
-                .unwrap_or(self.topics.partitions)
-        } else {
-            self.ensure_topic(&topic).await?
+        let known = self.targets.values().find(|t| *t.topic == *topic);
+        let partitions = match known {
+            Some(t) => t.partitions,
+            None => self.ensure_topic(&topic).await?,
         };
         let key_schema_id = match schema::key_schema(table, &topic) {
             Some(s) => Some(self.registry.register(&format!("{topic}-key"), &s).await?),
@@ -436,23 +431,23 @@ impl EventWriter {
             }
             _ => false,
         };
-        let mut rec = FutureRecord::<[u8], [u8]>::to(&topic)
-            .payload(&self.value_buf)
-            .headers(headers.clone());
-        if let Some(k) = key {
-            rec = rec.key(k);
-        }
-        deliveries.push(enqueue(&self.producer, rec).await?);
         // The tombstone lets log compaction drop the key.
         let tombstone = match change.op {
             Op::Delete => key,
             Op::Update if old_key => Some(self.old_key_buf.as_slice()),
             _ => None,
         };
-        if let Some(k) = tombstone {
-            let rec = FutureRecord::<[u8], [u8]>::to(&topic)
-                .key(k)
-                .headers(headers);
+        // Headers are copied into librdkafka: clone them only when a second record needs them.
+        let tombstone_headers = tombstone.map(|_| headers.clone());
+        let mut rec = FutureRecord::<[u8], [u8]>::to(&topic)
+            .payload(&self.value_buf)
+            .headers(headers);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        deliveries.push(enqueue(&self.producer, rec).await?);
+        if let (Some(k), Some(h)) = (tombstone, tombstone_headers) {
+            let rec = FutureRecord::<[u8], [u8]>::to(&topic).key(k).headers(h);
             deliveries.push(enqueue(&self.producer, rec).await?);
         }
         Ok(())
@@ -466,10 +461,6 @@ impl EventWriter {
                 topic: "*".into(),
                 detail: e.to_string(),
             })
-    }
-
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 }
 
