@@ -84,12 +84,7 @@ fn config_errors_name_file_key_and_expectation_with_exit_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_connect_reports_each_service_and_server_misconfiguration() {
-    let db = unique("chk");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE ok_table (id int PRIMARY KEY)")
-        .await
-        .expect("table");
+    let (db, client) = db_with("chk", "CREATE TABLE ok_table (id int PRIMARY KEY)").await;
 
     let (code, out) = check(&good_config(&db, &stack().pg_user), true);
     assert_eq!(code, Some(0), "{out}");
@@ -170,12 +165,7 @@ async fn check_connect_reports_each_service_and_server_misconfiguration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_services_are_retried_with_backoff_and_named() {
     let s = stack();
-    let db = unique("unreach");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .expect("table");
+    let (db, _) = db_with("unreach", "CREATE TABLE t (id int PRIMARY KEY)").await;
 
     for (what, kafka_extra, replace_from, replace_to, component) in [
         (
@@ -234,18 +224,11 @@ async fn unreachable_services_are_retried_with_backoff_and_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_held_by_another_process_is_refused_with_the_reason() {
-    let db = unique("held");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .expect("table");
+    let (db, _) = db_with("held", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let spec = SourceSpec::new(&db);
     let (cfg_a, _dir_a) = write_config(&spec, "");
     let (cfg_b, _dir_b) = write_config(&spec, "");
-    let mut a = Daemon::start(&cfg_a, "a");
-    a.wait_log("streaming started", Duration::from_secs(60))
-        .await;
+    let mut a = Daemon::start_streaming(&cfg_a, "a").await;
     let mut b = Daemon::start(&cfg_b, "b");
     b.wait_log("is in use", Duration::from_secs(60)).await;
     assert!(
@@ -261,12 +244,7 @@ async fn a_slot_held_by_another_process_is_refused_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_a_service_was_unreachable_arrive_once_it_is_back() {
     let s = stack();
-    let db = unique("outage");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
-        .await
-        .expect("table");
+    let (db, client) = db_with("outage", "CREATE TABLE t (id bigint PRIMARY KEY, v text)").await;
     let registry_port: u16 = s
         .registry_url
         .trim_start_matches("http://127.0.0.1:")
@@ -345,12 +323,7 @@ async fn changes_made_while_a_service_was_unreachable_arrive_once_it_is_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_appear_in_logs_or_output_and_clear_ones_are_flagged() {
     use std::os::unix::fs::PermissionsExt;
-    let db = unique("secret");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .expect("table");
+    let (db, _) = db_with("secret", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let secret = "BC9-TOPSECRET-7c1e9";
 
     // A wrong password from the environment: authentication fails and is logged, the secret is not.

@@ -44,12 +44,7 @@ fn lines(m: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications_ready_status_watchdog_stopping_in_order() {
-    let db = unique("notify");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .expect("table");
+    let (db, _) = db_with("notify", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
     let (socket, messages) = notify_socket();
@@ -116,12 +111,7 @@ fn counter(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoint_metrics_health_readiness_status_and_token() {
     let s = stack();
-    let db = unique("admin");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .expect("table");
+    let (db, client) = db_with("admin", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let pg_gate = Gate::start(s.pg_port, true).await;
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
@@ -375,10 +365,7 @@ async fn json_logs_carry_the_connector_on_every_pipeline_line() {
         .expect("read")
         .replace("[daemon]", "[daemon]\nlog_format = \"json\"");
     std::fs::write(&cfg, text).expect("write");
-    let mut daemon = Daemon::start(&cfg, "daemon");
-    daemon
-        .wait_log("streaming started", Duration::from_secs(60))
-        .await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
     assert_eq!(daemon.terminate(), Some(0));
     let mut pipeline_lines = 0;
     for line in daemon.log_text().lines() {
@@ -426,10 +413,7 @@ async fn status_and_slot_commands_with_the_daemon_up_and_down() {
     std::fs::write(&cfg, text).expect("write");
     let slot = format!("bitclone9_{db}");
 
-    let mut daemon = Daemon::start(&cfg, "daemon");
-    daemon
-        .wait_log("streaming started", Duration::from_secs(60))
-        .await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
     let (code, out) = cli(&cfg, &["status"], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(

@@ -122,8 +122,7 @@ async fn every_operation_and_type_arrives_exactly() {
         .expect("snapshot row");
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
-    let mut daemon = Daemon::start(&cfg, "daemon");
-    daemon.wait_log("streaming started", SECS(60)).await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
 
     client
         .batch_execute(&format!(
@@ -349,15 +348,12 @@ fn start_writer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_taken_during_writes_matches_the_table() {
-    let db = unique("snap");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute(
-            "CREATE TABLE t (id bigint PRIMARY KEY, val text);
+    let (db, client) = db_with(
+        "snap",
+        "CREATE TABLE t (id bigint PRIMARY KEY, val text);
              INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20000) g;",
-        )
-        .await
-        .expect("setup");
+    )
+    .await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let writer = start_writer(db.clone(), stop_rx);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -458,12 +454,11 @@ fn kafka_ids(records: &[Record]) -> HashMap<i64, HashSet<(i64, i64)>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_load_loses_nothing_and_never_confirms_ahead_of_kafka() {
-    let db = unique("kill");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE load (id bigint PRIMARY KEY, payload text)")
-        .await
-        .expect("setup");
+    let (db, _) = db_with(
+        "kill",
+        "CREATE TABLE load (id bigint PRIMARY KEY, payload text)",
+    )
+    .await;
     let admin = admin_in(&db).await;
     let observer = format!("obs_{db}");
     admin
@@ -506,8 +501,7 @@ async fn sigkill_during_load_loses_nothing_and_never_confirms_ahead_of_kafka() {
         "the check covered confirmed transactions ({checked_txs})"
     );
 
-    let mut daemon = Daemon::start(&cfg, "daemon_final");
-    daemon.wait_log("streaming started", SECS(60)).await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon_final").await;
     tokio::time::sleep(SECS(1)).await;
     stop_tx.send(true).expect("stop load");
     let inserted = load.await.expect("load task");
@@ -535,20 +529,16 @@ async fn sigkill_during_load_loses_nothing_and_never_confirms_ahead_of_kafka() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_is_flagged_never_faked() {
-    let db = unique("toast");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute(
-            "CREATE TABLE doc (id int PRIMARY KEY, body text, n int);
+    let (db, client) = db_with(
+        "toast",
+        "CREATE TABLE doc (id int PRIMARY KEY, body text, n int);
              ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL;",
-        )
-        .await
-        .expect("setup");
+    )
+    .await;
     let mut spec = SourceSpec::new(&db);
     spec.extra = "snapshot = \"never\"".into();
     let (cfg, _dir) = write_config(&spec, "");
-    let mut daemon = Daemon::start(&cfg, "daemon");
-    daemon.wait_log("streaming started", SECS(60)).await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
 
     let body: String = (0..3000)
         .map(|i| format!("{:x}", (i * 2_654_435_761u64) % 4096))
@@ -612,16 +602,10 @@ async fn unchanged_toast_is_flagged_never_faked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_captured_database_does_not_hold_wal() {
-    let db = unique("idle");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE quiet (id int PRIMARY KEY)")
-        .await
-        .expect("setup");
+    let (db, _) = db_with("idle", "CREATE TABLE quiet (id int PRIMARY KEY)").await;
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
-    let mut daemon = Daemon::start(&cfg, "daemon");
-    daemon.wait_log("streaming started", SECS(60)).await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
     let slot = format!("bitclone9_{db}");
 
     // Another database of the cluster writes plenty of WAL; the captured one stays idle.
@@ -666,19 +650,17 @@ async fn idle_captured_database_does_not_hold_wal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_load_checkpoints_confirms_and_loses_nothing() {
-    let db = unique("term");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE load (id bigint PRIMARY KEY, payload text)")
-        .await
-        .expect("setup");
+    let (db, _) = db_with(
+        "term",
+        "CREATE TABLE load (id bigint PRIMARY KEY, payload text)",
+    )
+    .await;
     let admin = admin_in(&db).await;
     let slot = format!("bitclone9_{db}");
     let (stop_tx, load) = start_insert_load(&db, "load", 10, 1);
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
-    let mut daemon = Daemon::start(&cfg, "daemon");
-    daemon.wait_log("streaming started", SECS(60)).await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
     tokio::time::sleep(SECS(2)).await;
     assert_eq!(daemon.terminate(), Some(0), "SIGTERM under load exits 0");
     // The final position was checkpointed and confirmed to the slot before exiting.
@@ -699,8 +681,7 @@ async fn sigterm_during_load_checkpoints_confirms_and_loses_nothing() {
         "slot confirmed {confirmed:X}, final checkpoint {final_lsn}"
     );
 
-    let mut daemon = Daemon::start(&cfg, "daemon2");
-    daemon.wait_log("streaming started", SECS(60)).await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon2").await;
     stop_tx.send(true).expect("stop load");
     let inserted = load.await.expect("load");
     let end = current_lsn(&admin).await;
@@ -719,12 +700,11 @@ async fn sigterm_during_load_checkpoints_confirms_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_checkpoint_from_another_slot_is_forgotten_when_the_slot_is_recreated() {
-    let db = unique("stale");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
-        .await
-        .expect("setup");
+    let (db, client) = db_with(
+        "stale",
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)",
+    )
+    .await;
     let spec = SourceSpec::new(&db);
     let (cfg, dir) = write_config(&spec, "");
     // A checkpoint left by a slot on another server, far ahead of this one's WAL.
@@ -735,8 +715,7 @@ async fn a_stale_checkpoint_from_another_slot_is_forgotten_when_the_slot_is_recr
             .mark_snapshot_done(&db, bitclone9_core::Lsn(u64::MAX / 4))
             .expect("stale record");
     }
-    let mut daemon = Daemon::start(&cfg, "daemon");
-    daemon.wait_log("streaming started", SECS(60)).await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
     client
         .batch_execute("INSERT INTO t VALUES (2)")
         .await
@@ -748,8 +727,7 @@ async fn a_stale_checkpoint_from_another_slot_is_forgotten_when_the_slot_is_recr
     assert_eq!(daemon.terminate(), Some(0));
 
     // After a restart it resumes from the new slot's position, not the stale one.
-    let mut daemon = Daemon::start(&cfg, "daemon2");
-    daemon.wait_log("streaming started", SECS(60)).await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon2").await;
     client
         .batch_execute("INSERT INTO t VALUES (3)")
         .await

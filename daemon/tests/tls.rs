@@ -53,12 +53,7 @@ if [ "$(id -u)" = 0 ]; then chown postgres server.key server.pem; fi"#,
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let db = unique("tls");
-    let client = fresh_db(&db).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .expect("table");
+    let (db, client) = db_with("tls", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let mut spec = SourceSpec::new(&db);
     spec.extra = format!(
         "sslmode = \"verify-full\"\nsslrootcert = \"{}/ca.pem\"",
@@ -70,10 +65,7 @@ if [ "$(id -u)" = 0 ]; then chown postgres server.key server.pem; fi"#,
         .expect("read")
         .replace("host = \"127.0.0.1\"", "host = \"localhost\"");
     std::fs::write(&cfg, text).expect("write");
-    let mut daemon = Daemon::start(&cfg, "daemon");
-    daemon
-        .wait_log("streaming started", Duration::from_secs(60))
-        .await;
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
     let encrypted: i64 = admin
         .query_one(
             "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1 AND s.ssl",

@@ -88,6 +88,14 @@ pub async fn fresh_db(name: &str) -> Client {
     connect(name, &s.pg_user, &s.pg_password).await
 }
 
+/// A fresh database (see [`fresh_db`]) named after `prefix`, with `ddl` run in it.
+pub async fn db_with(prefix: &str, ddl: &str) -> (String, Client) {
+    let db = unique(prefix);
+    let client = fresh_db(&db).await;
+    client.batch_execute(ddl).await.expect("test schema");
+    (db, client)
+}
+
 /// A session in `db` as the superuser.
 pub async fn admin_in(db: &str) -> Client {
     let s = stack();
@@ -200,6 +208,14 @@ impl Daemon {
             .spawn()
             .expect("start bitclone9");
         Self { child, log }
+    }
+
+    /// Starts the daemon and waits until its pipeline streams.
+    pub async fn start_streaming(config: &std::path::Path, log_name: &str) -> Self {
+        let mut d = Self::start(config, log_name);
+        d.wait_log("streaming started", Duration::from_secs(60))
+            .await;
+        d
     }
 
     pub fn log_text(&self) -> String {
