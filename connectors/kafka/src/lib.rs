@@ -6,6 +6,7 @@
 //!          ──► EventWriter::send    (encode key + envelope, enqueue) ──► DeliveryFuture
 //! ```
 
+pub mod decode;
 pub mod encode;
 pub mod schema;
 
@@ -142,6 +143,28 @@ impl Registry {
                 url: self.url.clone(),
                 detail: registry_detail(&e),
             })
+    }
+
+    /// The schema text registered under `id`.
+    pub async fn schema_by_id(&self, id: u32) -> Result<String, decode::DecodeError> {
+        match schema_registry_converter::async_impl::schema_registry::get_schema_by_id(
+            id,
+            &self.settings,
+        )
+        .await
+        {
+            Ok(s) => Ok(s.schema),
+            Err(e) if e.error.contains("404") || e.cause.as_deref().is_some_and(|c| c.contains("404") || c.contains("40403")) => {
+                Err(decode::DecodeError::UnknownSchema {
+                    id,
+                    detail: registry_detail(&e),
+                })
+            }
+            Err(e) => Err(decode::DecodeError::RegistryUnreachable {
+                url: self.url.clone(),
+                detail: registry_detail(&e),
+            }),
+        }
     }
 
     pub fn settings(&self) -> &SrSettings {

@@ -274,17 +274,46 @@ enum Phase {
     Streaming,
 }
 
+/// Where and how to open a SQL session with a PostgreSQL server (a source, or a sink's target).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    pub connect_timeout: Duration,
+    pub tls: TlsSettings,
+}
+
 /// Opens a normal (SQL) session with the source's settings.
 async fn connect_sql(cfg: &PostgresSourceConfig) -> Result<tokio_postgres::Client, SourceError> {
-    let target = format!("{}:{} (database {})", cfg.host, cfg.port, cfg.database);
+    let ep = PgEndpoint {
+        host: cfg.host.clone(),
+        port: cfg.port,
+        user: cfg.user.clone(),
+        password: cfg.password.clone(),
+        database: cfg.database.clone(),
+        connect_timeout: cfg.connect_timeout,
+        tls: cfg.tls.clone(),
+    };
+    connect_session(&ep, &format!("bitclone9-{}", cfg.name)).await
+}
+
+/// Opens a SQL session with BitClone9's session settings (UTC, ISO dates, exact floats).
+pub async fn connect_session(
+    ep: &PgEndpoint,
+    application_name: &str,
+) -> Result<tokio_postgres::Client, SourceError> {
+    let target = format!("{}:{} (database {})", ep.host, ep.port, ep.database);
     let mut pg = tokio_postgres::Config::new();
-    pg.host(&cfg.host)
-        .port(cfg.port)
-        .user(&cfg.user)
-        .password(&cfg.password)
-        .dbname(&cfg.database)
-        .application_name(format!("bitclone9-{}", cfg.name))
-        .connect_timeout(cfg.connect_timeout)
+    pg.host(&ep.host)
+        .port(ep.port)
+        .user(&ep.user)
+        .password(&ep.password)
+        .dbname(&ep.database)
+        .application_name(application_name)
+        .connect_timeout(ep.connect_timeout)
         .options(session_options());
     let detail = |e: tokio_postgres::Error| {
         let mut d = e
@@ -298,24 +327,24 @@ async fn connect_sql(cfg: &PostgresSourceConfig) -> Result<tokio_postgres::Clien
         }
         d
     };
-    let (sql, conn) = if cfg.tls.mode == TlsMode::Disable {
+    let (sql, conn) = if ep.tls.mode == TlsMode::Disable {
         let (sql, conn) = pg
             .connect(tokio_postgres::NoTls)
             .await
-            .map_err(|e| unreachable(target, detail(e), &cfg.tls))?;
+            .map_err(|e| unreachable(target, detail(e), &ep.tls))?;
         (sql, tokio::spawn(conn))
     } else {
         pg.ssl_mode(tokio_postgres::config::SslMode::Require);
         let (sql, conn) = pg
-            .connect(cfg.tls.connector()?)
+            .connect(ep.tls.connector()?)
             .await
-            .map_err(|e| unreachable(target, detail(e), &cfg.tls))?;
+            .map_err(|e| unreachable(target, detail(e), &ep.tls))?;
         (sql, tokio::spawn(conn))
     };
-    let source_name = cfg.name.clone();
+    let app = application_name.to_string();
     tokio::spawn(async move {
         if let Ok(Err(e)) = conn.await {
-            tracing::debug!(source = %source_name, error = %e, "catalog connection closed");
+            tracing::debug!(session = %app, error = %e, "catalog connection closed");
         }
     });
     Ok(sql)

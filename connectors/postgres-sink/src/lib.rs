@@ -1,0 +1,889 @@
+//! BitClone9's PostgreSQL target: applies change events to tables of another database.
+//!
+//! ```text
+//!  [Change] ──► collapse per key ──► COPY into a staging table ──► DELETE USING / INSERT ... ON
+//!               (last state wins,     (one per table shape,         CONFLICT DO UPDATE / UPDATE
+//!                TOAST kept)           temporary, reused)            for unchanged-TOAST rows
+//! ```
+//!
+//! A batch is applied in one target transaction together with the sink's positions (table
+//! `bitclone9.sink_positions`), so the rows and the record of what was applied commit or vanish
+//! together: after a crash the sink starts from exactly what the target holds.
+
+pub mod text;
+
+use bitclone9_core::{Change, Column, Op, TableId, TableSchema, Value};
+use bitclone9_postgres_source::{connect_session, PgEndpoint};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio_postgres::Client;
+
+/// A failure to apply. [`TargetError::is_poison`] tells a change the target refuses (which
+/// retrying cannot mend) from a target that is unreachable or busy.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("cannot reach the target PostgreSQL: {0}")]
+    Unreachable(String),
+    #[error("target table {table}: {detail}")]
+    Refused {
+        table: String,
+        sqlstate: String,
+        detail: String,
+    },
+    #[error("target table {table}: {detail}")]
+    Unusable { table: String, detail: String },
+    #[error("target: {0}")]
+    Other(String),
+}
+
+impl TargetError {
+    /// True when the target refuses the data itself: a constraint, a type, a missing key.
+    pub fn is_poison(&self) -> bool {
+        match self {
+            TargetError::Refused { sqlstate, .. } => {
+                // 08 connection, 40 rollback (serialization, deadlock), 53 resources,
+                // 57 operator intervention, 58 system: worth retrying; the rest is the data.
+                !["08", "40", "53", "57", "58", "55"]
+                    .iter()
+                    .any(|c| sqlstate.starts_with(c))
+            }
+            TargetError::Unusable { .. } => true,
+            TargetError::Unreachable(_) | TargetError::Other(_) => false,
+        }
+    }
+
+    /// The SQLSTATE or a short label, for metrics and dead-letter headers.
+    pub fn code(&self) -> &str {
+        match self {
+            TargetError::Refused { sqlstate, .. } => sqlstate,
+            TargetError::Unusable { .. } => "unusable_table",
+            TargetError::Unreachable(_) => "unreachable",
+            TargetError::Other(_) => "other",
+        }
+    }
+}
+
+fn db_error(table: &str, e: tokio_postgres::Error) -> TargetError {
+    match e.as_db_error() {
+        Some(d) => TargetError::Refused {
+            table: table.to_string(),
+            sqlstate: d.code().code().to_string(),
+            detail: match d.detail() {
+                Some(x) => format!("{} ({x})", d.message()),
+                None => d.message().to_string(),
+            },
+        },
+        None if e.is_closed() => TargetError::Unreachable(e.to_string()),
+        None => TargetError::Unreachable(format!("{e}")),
+    }
+}
+
+/// Quotes an identifier.
+pub fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// How the target is reached and shaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresTargetConfig {
+    /// The sink's name (positions are stored under it).
+    pub name: String,
+    pub endpoint: PgEndpoint,
+    /// Create missing tables (and schemas) from the event schemas.
+    pub create_tables: bool,
+    /// Put every table into this schema instead of its source schema.
+    pub schema: Option<String>,
+}
+
+/// What the sink has applied from one partition: its Kafka offset and the source position of
+/// the last change applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Applied {
+    pub offset: i64,
+    pub watermark: Watermark,
+}
+
+/// A change's place in its source: (commit LSN, streamed after snapshot, seq). Within a
+/// partition, changes arrive in increasing order, except those a source sends again after a
+/// restart: anything not above the stored watermark is already applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub struct Watermark {
+    pub lsn: u64,
+    pub streamed: bool,
+    pub seq: u64,
+}
+
+impl Watermark {
+    pub fn of(change: &Change) -> Self {
+        Self {
+            lsn: change.tx.commit_lsn.0,
+            streamed: change.op != Op::Read,
+            seq: change.seq,
+        }
+    }
+}
+
+/// One row of `bitclone9.sink_positions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub applied: Applied,
+}
+
+/// SQL and staging table for one table shape.
+struct ShapeSql {
+    stage: String,
+    copy: String,
+    delete: String,
+    upsert: String,
+    partial: String,
+    key: Vec<usize>,
+}
+
+/// A row's fate after a batch, per key.
+enum Fate<'a> {
+    Delete(&'a Change),
+    /// New values; `None` where an unchanged TOAST value must be kept.
+    Upsert(Vec<Option<&'a Value>>),
+}
+
+/// Counts of one apply.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ApplyStats {
+    pub upserts: u64,
+    pub deletes: u64,
+    pub truncates: u64,
+    /// Updates of unchanged-TOAST rows that found no row to update in the target.
+    pub missing_rows: u64,
+}
+
+pub struct PostgresTarget {
+    cfg: PostgresTargetConfig,
+    client: Client,
+    shapes: HashMap<(TableId, u64), Arc<ShapeSql>>,
+    /// Columns known to exist per target table.
+    columns: HashMap<TableId, Vec<String>>,
+    stages: usize,
+    /// Staging tables written in the open transaction (cleared before reuse).
+    dirty: Vec<String>,
+}
+
+const POSITIONS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS bitclone9;
+CREATE TABLE IF NOT EXISTS bitclone9.sink_positions (
+    sink text NOT NULL,
+    topic text NOT NULL,
+    kafka_partition integer NOT NULL,
+    kafka_offset bigint NOT NULL,
+    lsn numeric(20) NOT NULL,
+    streamed boolean NOT NULL,
+    seq bigint NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sink, topic, kafka_partition)
+)";
+
+impl PostgresTarget {
+    pub async fn connect(cfg: PostgresTargetConfig) -> Result<Self, TargetError> {
+        let client = connect_session(&cfg.endpoint, &format!("bitclone9-sink-{}", cfg.name))
+            .await
+            .map_err(|e| TargetError::Unreachable(e.to_string()))?;
+        client
+            .batch_execute(POSITIONS_DDL)
+            .await
+            .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+        Ok(Self {
+            cfg,
+            client,
+            shapes: HashMap::new(),
+            columns: HashMap::new(),
+            stages: 0,
+            dirty: Vec::new(),
+        })
+    }
+
+    /// The target table a source table is written to.
+    pub fn target_of(&self, source: &TableId) -> TableId {
+        TableId::new(
+            self.cfg.schema.clone().unwrap_or(source.schema.clone()),
+            source.name.clone(),
+        )
+    }
+
+    /// Every stored position of this sink.
+    pub async fn positions(&self) -> Result<Vec<PartitionPosition>, TargetError> {
+        load_positions(&self.client, &self.cfg.name, None).await
+    }
+
+    pub async fn begin(&mut self) -> Result<(), TargetError> {
+        self.dirty.clear();
+        self.simple("BEGIN").await
+    }
+
+    pub async fn commit(&mut self) -> Result<(), TargetError> {
+        self.dirty.clear();
+        self.simple("COMMIT").await
+    }
+
+    pub async fn rollback(&mut self) {
+        self.dirty.clear();
+        let _ = self.simple("ROLLBACK").await;
+    }
+
+    async fn simple(&self, sql: &str) -> Result<(), TargetError> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| db_error("-", e))
+    }
+
+    /// Reads and locks this sink's positions of the given partitions, inside the open
+    /// transaction: a second daemon applying the same partitions waits here.
+    pub async fn lock_positions(
+        &self,
+        partitions: &[(String, i32)],
+    ) -> Result<Vec<PartitionPosition>, TargetError> {
+        load_positions(&self.client, &self.cfg.name, Some(partitions)).await
+    }
+
+    /// Stores positions, inside the open transaction.
+    pub async fn save_positions(&self, positions: &[PartitionPosition]) -> Result<(), TargetError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let topics: Vec<&str> = positions.iter().map(|p| p.topic.as_str()).collect();
+        let parts: Vec<i32> = positions.iter().map(|p| p.partition).collect();
+        let offsets: Vec<i64> = positions.iter().map(|p| p.applied.offset).collect();
+        let lsns: Vec<String> = positions
+            .iter()
+            .map(|p| p.applied.watermark.lsn.to_string())
+            .collect();
+        let streamed: Vec<bool> = positions
+            .iter()
+            .map(|p| p.applied.watermark.streamed)
+            .collect();
+        let seqs: Vec<i64> = positions
+            .iter()
+            .map(|p| p.applied.watermark.seq as i64)
+            .collect();
+        self.client
+            .execute(
+                "INSERT INTO bitclone9.sink_positions AS p
+                   (sink, topic, kafka_partition, kafka_offset, lsn, streamed, seq)
+                 SELECT $1, t, k, o, l::numeric, s, q
+                   FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[], $6::bool[], $7::bigint[])
+                     AS u(t, k, o, l, s, q)
+                 ON CONFLICT (sink, topic, kafka_partition) DO UPDATE
+                   SET kafka_offset = EXCLUDED.kafka_offset, lsn = EXCLUDED.lsn,
+                       streamed = EXCLUDED.streamed, seq = EXCLUDED.seq, applied_at = now()",
+                &[
+                    &self.cfg.name,
+                    &topics,
+                    &parts,
+                    &offsets,
+                    &lsns,
+                    &streamed,
+                    &seqs,
+                ],
+            )
+            .await
+            .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+        Ok(())
+    }
+
+    /// Creates the target table when missing (and allowed), adds columns the events have and
+    /// the table lacks, and prepares the staging table and statements for this shape.
+    async fn shape(&mut self, table: &Arc<TableSchema>) -> Result<Arc<ShapeSql>, TargetError> {
+        let target = self.target_of(&table.id);
+        let fp = table.fingerprint();
+        if let Some(s) = self.shapes.get(&(target.clone(), fp)) {
+            return Ok(s.clone());
+        }
+        let name = format!("{}.{}", ident(&target.schema), ident(&target.name));
+        let shown = target.to_string();
+        let unusable = |detail: String| TargetError::Unusable {
+            table: shown.clone(),
+            detail,
+        };
+        let key: Vec<usize> = table.key_indexes().collect();
+        if key.is_empty() {
+            return Err(unusable(
+                "its events carry no key (the source table has no primary key or replica identity index), so changes cannot be matched to target rows: give the source table a primary key".into(),
+            ));
+        }
+        let existing = match self.columns.get(&target) {
+            Some(c) => c.clone(),
+            None => self.existing_columns(&target).await?,
+        };
+        if existing.is_empty() {
+            if !self.cfg.create_tables {
+                return Err(unusable(
+                    "does not exist and create_tables is off: create it, or set create_tables = true".into(),
+                ));
+            }
+            let mut ddl = format!(
+                "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {name} (",
+                ident(&target.schema)
+            );
+            for c in &table.columns {
+                ddl.push_str(&format!("{} {}, ", ident(&c.name), c.pg_type));
+            }
+            let keys: Vec<String> = key.iter().map(|i| ident(&table.columns[*i].name)).collect();
+            ddl.push_str(&format!("PRIMARY KEY ({}))", keys.join(", ")));
+            self.client
+                .batch_execute(&ddl)
+                .await
+                .map_err(|e| self.ddl_error(&shown, table, e))?;
+            tracing::info!(table = %shown, "created target table");
+        } else {
+            for c in table.columns.iter().filter(|c| !existing.contains(&c.name)) {
+                let ddl = format!(
+                    "ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {}",
+                    ident(&c.name),
+                    c.pg_type
+                );
+                self.client
+                    .batch_execute(&ddl)
+                    .await
+                    .map_err(|e| self.ddl_error(&shown, table, e))?;
+                tracing::info!(table = %shown, column = %c.name, "added a column the events have");
+            }
+            self.check_unique_key(&target, table, &key).await?;
+        }
+        let cols = self.existing_columns(&target).await?;
+        self.columns.insert(target.clone(), cols);
+
+        self.stages += 1;
+        let stage = format!("bitclone9_stage_{}", self.stages);
+        let list = |prefix: &str| {
+            table
+                .columns
+                .iter()
+                .map(|c| format!("{prefix}{}", ident(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let key_match = key
+            .iter()
+            .map(|i| {
+                let c = ident(&table.columns[*i].name);
+                format!("t.{c} = s.{c}")
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let non_key: Vec<&Column> = table.columns.iter().filter(|c| !c.is_key).collect();
+        let keys = key
+            .iter()
+            .map(|i| ident(&table.columns[*i].name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let on_conflict = if non_key.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!(
+                "DO UPDATE SET {}",
+                non_key
+                    .iter()
+                    .map(|c| format!("{0} = EXCLUDED.{0}", ident(&c.name)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let partial_set = if non_key.is_empty() {
+            format!("{0} = t.{0}", ident(&table.columns[key[0]].name))
+        } else {
+            non_key
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{0} = CASE WHEN {1} = ANY(s.bitclone9_unchanged) THEN t.{0} ELSE s.{0} END",
+                        ident(&c.name),
+                        pg_literal(&c.name)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let sql = ShapeSql {
+            copy: format!(
+                "COPY {stage} ({}, bitclone9_op, bitclone9_unchanged) FROM STDIN",
+                list("")
+            ),
+            delete: format!(
+                "DELETE FROM {name} AS t USING {stage} AS s WHERE s.bitclone9_op = 'd' AND {key_match}"
+            ),
+            upsert: format!(
+                "INSERT INTO {name} AS t ({}) SELECT {} FROM {stage} AS s WHERE s.bitclone9_op = 'u' ON CONFLICT ({keys}) {on_conflict}",
+                list(""),
+                list("s.")
+            ),
+            partial: format!(
+                "UPDATE {name} AS t SET {partial_set} FROM {stage} AS s WHERE s.bitclone9_op = 'p' AND {key_match}"
+            ),
+            stage: stage.clone(),
+            key,
+        };
+        let create_stage = format!(
+            "CREATE TEMPORARY TABLE {stage} ON COMMIT DELETE ROWS AS SELECT {} FROM {name} WITH NO DATA;
+             ALTER TABLE {stage} ADD COLUMN bitclone9_op \"char\", ADD COLUMN bitclone9_unchanged text[]",
+            list("")
+        );
+        self.client
+            .batch_execute(&create_stage)
+            .await
+            .map_err(|e| db_error(&shown, e))?;
+        let sql = Arc::new(sql);
+        self.shapes.insert((target, fp), sql.clone());
+        Ok(sql)
+    }
+
+    fn ddl_error(&self, table: &str, shape: &TableSchema, e: tokio_postgres::Error) -> TargetError {
+        let err = db_error(table, e);
+        match &err {
+            TargetError::Refused {
+                sqlstate, detail, ..
+            } if sqlstate == "42704" => TargetError::Unusable {
+                table: table.to_string(),
+                detail: format!(
+                    "{detail}: the events use a type the target database lacks (columns: {}); create the type (enum, domain or extension) in the target first",
+                    shape
+                        .columns
+                        .iter()
+                        .map(|c| format!("{} {}", c.name, c.pg_type))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            _ => err,
+        }
+    }
+
+    async fn existing_columns(&self, t: &TableId) -> Result<Vec<String>, TargetError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+                  ORDER BY a.attnum",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(|e| db_error(&t.to_string(), e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// `ON CONFLICT` needs a unique index on exactly the key columns.
+    async fn check_unique_key(
+        &self,
+        t: &TableId,
+        table: &TableSchema,
+        key: &[usize],
+    ) -> Result<(), TargetError> {
+        let mut names: Vec<String> = key.iter().map(|i| table.columns[*i].name.clone()).collect();
+        names.sort();
+        let rows = self
+            .client
+            .query(
+                "SELECT array_agg(a.attname::text ORDER BY a.attname::text)
+                   FROM pg_index i
+                   JOIN pg_class c ON c.oid = i.indrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)
+                  WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indpred IS NULL
+                  GROUP BY i.indexrelid",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(|e| db_error(&t.to_string(), e))?;
+        if rows
+            .iter()
+            .any(|r| r.get::<_, Vec<String>>(0) == names)
+        {
+            return Ok(());
+        }
+        Err(TargetError::Unusable {
+            table: t.to_string(),
+            detail: format!(
+                "has no primary key or unique index on the event key ({}): add one, so changes can be matched to rows",
+                names.join(", ")
+            ),
+        })
+    }
+
+    /// Applies `changes` (in partition order) inside the open transaction. Each source table's
+    /// rows are collapsed per key to their last state; a truncate, or a table whose shape
+    /// changes, closes the run of changes before it.
+    pub async fn apply(&mut self, changes: &[&Change]) -> Result<ApplyStats, TargetError> {
+        let mut stats = ApplyStats::default();
+        let mut start = 0;
+        let mut seen: HashMap<&TableId, u64> = HashMap::new();
+        for (i, c) in changes.iter().enumerate() {
+            let fp = c.table.fingerprint();
+            let shape_changed = seen.get(&c.table.id).is_some_and(|f| *f != fp);
+            if c.op == Op::Truncate || shape_changed {
+                self.apply_run(&changes[start..i], &mut stats).await?;
+                seen.clear();
+                start = i;
+                if c.op == Op::Truncate {
+                    self.truncate(&c.table).await?;
+                    stats.truncates += 1;
+                    start = i + 1;
+                    continue;
+                }
+            }
+            seen.insert(&c.table.id, fp);
+        }
+        self.apply_run(&changes[start..], &mut stats).await?;
+        Ok(stats)
+    }
+
+    /// Applies one change in a savepoint of the open transaction: on failure the transaction
+    /// goes on without it.
+    pub async fn apply_isolated(&mut self, change: &Change) -> Result<ApplyStats, TargetError> {
+        self.simple("SAVEPOINT bitclone9_one").await?;
+        let dirty = self.dirty.clone();
+        match self.apply(&[change]).await {
+            Ok(s) => {
+                self.simple("RELEASE SAVEPOINT bitclone9_one").await?;
+                Ok(s)
+            }
+            Err(e) => {
+                self.simple("ROLLBACK TO SAVEPOINT bitclone9_one").await?;
+                self.dirty = dirty;
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, table: &Arc<TableSchema>) -> Result<(), TargetError> {
+        let t = self.target_of(&table.id);
+        if self.existing_columns(&t).await?.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .batch_execute(&format!(
+                "TRUNCATE {}.{}",
+                ident(&t.schema),
+                ident(&t.name)
+            ))
+            .await
+            .map_err(|e| db_error(&t.to_string(), e))
+    }
+
+    /// Applies a run of changes without truncates or shape changes.
+    async fn apply_run(
+        &mut self,
+        changes: &[&Change],
+        stats: &mut ApplyStats,
+    ) -> Result<(), TargetError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        // Group per table, keeping first-seen order.
+        let mut order: Vec<&Arc<TableSchema>> = Vec::new();
+        let mut groups: HashMap<&TableId, Vec<&Change>> = HashMap::new();
+        for c in changes {
+            let g = groups.entry(&c.table.id).or_default();
+            if g.is_empty() {
+                order.push(&c.table);
+            }
+            g.push(c);
+        }
+        for table in order {
+            let group = &groups[&table.id];
+            let shape = self.shape(table).await?;
+            let target = self.target_of(&table.id).to_string();
+            self.write_table(&shape, table, group, &target, stats).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_table(
+        &mut self,
+        shape: &ShapeSql,
+        table: &TableSchema,
+        changes: &[&Change],
+        target: &str,
+        stats: &mut ApplyStats,
+    ) -> Result<(), TargetError> {
+        // Collapse per key: the last state of each row wins; unchanged TOAST values are taken
+        // from an earlier state of the same batch when there is one, else kept in the target.
+        let mut fates: HashMap<String, Fate> = HashMap::with_capacity(changes.len());
+        let mut order: Vec<String> = Vec::with_capacity(changes.len());
+        let bad = |detail: String| TargetError::Refused {
+            table: target.to_string(),
+            sqlstate: "22000".into(),
+            detail,
+        };
+        for c in changes {
+            let row_key = |row: &[Value]| -> Result<String, TargetError> {
+                let mut k = String::new();
+                for i in &shape.key {
+                    if matches!(row[*i], Value::Null | Value::UnchangedToast) {
+                        return Err(bad(format!(
+                            "key column {} has no value in the change",
+                            table.columns[*i].name
+                        )));
+                    }
+                    text::copy_field(&mut k, &row[*i], &table.columns[*i].ty)
+                        .map_err(|e| bad(e.to_string()))?;
+                    k.push('\t');
+                }
+                Ok(k)
+            };
+            match c.op {
+                Op::Insert | Op::Update | Op::Read => {
+                    let after = c
+                        .after
+                        .as_ref()
+                        .ok_or_else(|| bad(format!("{} event without a new row", c.op.code())))?;
+                    let key = row_key(after)?;
+                    if let Some(before) = &c.before {
+                        let old = row_key(before)?;
+                        if old != key {
+                            set(&mut order, &mut fates, old, Fate::Delete(c));
+                        }
+                    }
+                    let mut values: Vec<Option<&Value>> = after
+                        .iter()
+                        .map(|v| (!matches!(v, Value::UnchangedToast)).then_some(v))
+                        .collect();
+                    if values.iter().any(Option::is_none) {
+                        if let Some(Fate::Upsert(prev)) = fates.get(&key) {
+                            for (v, p) in values.iter_mut().zip(prev) {
+                                if v.is_none() {
+                                    *v = *p;
+                                }
+                            }
+                        }
+                    }
+                    set(&mut order, &mut fates, key, Fate::Upsert(values));
+                }
+                Op::Delete => {
+                    let before = c
+                        .before
+                        .as_ref()
+                        .ok_or_else(|| bad("delete event without the old row".into()))?;
+                    let key = row_key(before)?;
+                    set(&mut order, &mut fates, key, Fate::Delete(c));
+                }
+                Op::Truncate => {}
+            }
+        }
+        let mut buf = String::with_capacity(order.len() * 64);
+        let (mut deletes, mut upserts, mut partials) = (0u64, 0u64, 0u64);
+        for k in &order {
+            match &fates[k] {
+                Fate::Delete(c) => {
+                    deletes += 1;
+                    let row = c.before.as_ref().or(c.after.as_ref());
+                    for (i, col) in table.columns.iter().enumerate() {
+                        if shape.key.contains(&i) {
+                            if let Some(r) = row {
+                                text::copy_field(&mut buf, &r[i], &col.ty)
+                                    .map_err(|e| bad(format!("column {}: {e}", col.name)))?;
+                            }
+                        } else {
+                            buf.push_str("\\N");
+                        }
+                        buf.push('\t');
+                    }
+                    // A key change deletes the old key: take it from `before`.
+                    buf.push_str("d\t\\N\n");
+                }
+                Fate::Upsert(values) => {
+                    let mut unchanged: Vec<&str> = Vec::new();
+                    for (col, v) in table.columns.iter().zip(values) {
+                        match v {
+                            Some(v) => text::copy_field(&mut buf, v, &col.ty)
+                                .map_err(|e| bad(format!("column {}: {e}", col.name)))?,
+                            None => {
+                                unchanged.push(&col.name);
+                                buf.push_str("\\N");
+                            }
+                        }
+                        buf.push('\t');
+                    }
+                    if unchanged.is_empty() {
+                        upserts += 1;
+                        buf.push_str("u\t\\N\n");
+                    } else {
+                        partials += 1;
+                        let mut arr = String::from("{");
+                        for (i, n) in unchanged.iter().enumerate() {
+                            if i > 0 {
+                                arr.push(',');
+                            }
+                            arr.push('"');
+                            arr.push_str(&n.replace('\\', "\\\\").replace('"', "\\\""));
+                            arr.push('"');
+                        }
+                        arr.push('}');
+                        buf.push_str("p\t");
+                        text::copy_escape(&mut buf, &arr);
+                        buf.push('\n');
+                    }
+                }
+            }
+        }
+        if self.dirty.contains(&shape.stage) {
+            self.client
+                .batch_execute(&format!("DELETE FROM {}", shape.stage))
+                .await
+                .map_err(|e| db_error(target, e))?;
+        }
+        self.dirty.push(shape.stage.clone());
+        copy_in(&self.client, &shape.copy, buf, target).await?;
+        if deletes > 0 {
+            self.client
+                .execute(shape.delete.as_str(), &[])
+                .await
+                .map_err(|e| db_error(target, e))?;
+        }
+        if upserts > 0 {
+            self.client
+                .execute(shape.upsert.as_str(), &[])
+                .await
+                .map_err(|e| db_error(target, e))?;
+        }
+        if partials > 0 {
+            let n = self
+                .client
+                .execute(shape.partial.as_str(), &[])
+                .await
+                .map_err(|e| db_error(target, e))?;
+            if n < partials {
+                stats.missing_rows += partials - n;
+                tracing::warn!(table = %target, missing = partials - n, "updates that left large (TOAST) values unchanged found no row in the target: the target lacks rows the source has; run bitclone9 verify");
+            }
+        }
+        stats.deletes += deletes;
+        stats.upserts += upserts + partials;
+        Ok(())
+    }
+}
+
+/// Records a key's fate, remembering the order keys were first seen in.
+fn set<'a>(order: &mut Vec<String>, fates: &mut HashMap<String, Fate<'a>>, k: String, fate: Fate<'a>) {
+    if !fates.contains_key(&k) {
+        order.push(k.clone());
+    }
+    fates.insert(k, fate);
+}
+
+/// Streams `data` into `COPY ... FROM STDIN`.
+async fn copy_in(client: &Client, sql: &str, data: String, table: &str) -> Result<(), TargetError> {
+    use futures::SinkExt;
+    let sink = client
+        .copy_in::<_, bytes::Bytes>(sql)
+        .await
+        .map_err(|e| db_error(table, e))?;
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data))
+        .await
+        .map_err(|e| db_error(table, e))?;
+    sink.finish().await.map_err(|e| db_error(table, e))?;
+    Ok(())
+}
+
+/// A SQL string literal.
+fn pg_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+async fn load_positions(
+    client: &Client,
+    sink: &str,
+    only: Option<&[(String, i32)]>,
+) -> Result<Vec<PartitionPosition>, TargetError> {
+    let rows = match only {
+        None => {
+            client
+                .query(
+                    "SELECT topic, kafka_partition, kafka_offset, lsn::text, streamed, seq
+                       FROM bitclone9.sink_positions WHERE sink = $1 ORDER BY topic, kafka_partition",
+                    &[&sink],
+                )
+                .await
+        }
+        Some(parts) => {
+            let topics: Vec<&str> = parts.iter().map(|(t, _)| t.as_str()).collect();
+            let nums: Vec<i32> = parts.iter().map(|(_, p)| *p).collect();
+            client
+                .query(
+                    "SELECT topic, kafka_partition, kafka_offset, lsn::text, streamed, seq
+                       FROM bitclone9.sink_positions
+                      WHERE sink = $1 AND (topic, kafka_partition) IN
+                            (SELECT * FROM unnest($2::text[], $3::int[]))
+                      FOR UPDATE",
+                    &[&sink, &topics, &nums],
+                )
+                .await
+        }
+    }
+    .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+    rows.iter()
+        .map(|r| {
+            let lsn: String = r.get(3);
+            Ok(PartitionPosition {
+                topic: r.get(0),
+                partition: r.get(1),
+                applied: Applied {
+                    offset: r.get(2),
+                    watermark: Watermark {
+                        lsn: lsn.parse().map_err(|_| {
+                            TargetError::Other(format!("bitclone9.sink_positions: bad lsn {lsn}"))
+                        })?,
+                        streamed: r.get(4),
+                        seq: r.get::<_, i64>(5) as u64,
+                    },
+                },
+            })
+        })
+        .collect()
+}
+
+/// Deletes this sink's positions (all, or one topic's), so the next run applies from wherever
+/// the consumer starts. Returns how many were deleted.
+pub async fn reset_positions(
+    endpoint: &PgEndpoint,
+    sink: &str,
+) -> Result<u64, TargetError> {
+    let client = connect_session(endpoint, &format!("bitclone9-sink-{sink}"))
+        .await
+        .map_err(|e| TargetError::Unreachable(e.to_string()))?;
+    client
+        .batch_execute(POSITIONS_DDL)
+        .await
+        .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+    client
+        .execute(
+            "DELETE FROM bitclone9.sink_positions WHERE sink = $1",
+            &[&sink],
+        )
+        .await
+        .map_err(|e| db_error("bitclone9.sink_positions", e))
+}
+
+/// Reads a sink's positions from its target without changing anything.
+pub async fn read_positions(
+    endpoint: &PgEndpoint,
+    sink: &str,
+) -> Result<Vec<PartitionPosition>, TargetError> {
+    let client = connect_session(endpoint, &format!("bitclone9-sink-{sink}"))
+        .await
+        .map_err(|e| TargetError::Unreachable(e.to_string()))?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('bitclone9.sink_positions') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| db_error("bitclone9.sink_positions", e))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    load_positions(&client, sink, None).await
+}
