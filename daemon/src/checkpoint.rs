@@ -51,6 +51,65 @@ impl CheckpointStore {
         Ok(Self { db })
     }
 
+    /// Opens the store for reading while a running daemon holds it.
+    pub fn open_read_only(dir: &Path) -> Result<Self, CheckpointError> {
+        let opts = rocksdb::Options::default();
+        let db = rocksdb::DB::open_for_read_only(&opts, dir.join("checkpoints"), false).map_err(
+            |e| CheckpointError::Open {
+                dir: dir.to_path_buf(),
+                detail: e.to_string(),
+            },
+        )?;
+        Ok(Self { db })
+    }
+
+    /// Records the Kafka offsets a sink has applied to its target (synced, in one write).
+    pub fn save_sink_offsets(
+        &self,
+        sink: &str,
+        offsets: &[(String, i32, i64)],
+    ) -> Result<(), CheckpointError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (topic, partition, offset) in offsets {
+            batch.put(
+                format!("sink/{sink}/{topic}/{partition}"),
+                offset.to_be_bytes(),
+            );
+        }
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.db.write_opt(batch, &w)?;
+        Ok(())
+    }
+
+    /// A sink's checkpointed offsets: (topic, partition, last applied offset).
+    pub fn load_sink_offsets(&self, sink: &str) -> Result<Vec<(String, i32, i64)>, CheckpointError> {
+        let prefix = format!("sink/{sink}/");
+        let mut out = Vec::new();
+        for kv in self.db.prefix_iterator(prefix.as_bytes()) {
+            let (k, v) = kv?;
+            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
+                break;
+            };
+            let key = String::from_utf8_lossy(rest).to_string();
+            let corrupt = || CheckpointError::Corrupt(format!("{prefix}{key}"));
+            let (topic, partition) = key.rsplit_once('/').ok_or_else(corrupt)?;
+            let partition: i32 = partition.parse().map_err(|_| corrupt())?;
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
+            out.push((topic.to_string(), partition, i64::from_be_bytes(bytes)));
+        }
+        Ok(out)
+    }
+
+    /// Forgets a sink's offsets.
+    pub fn clear_sink(&self, sink: &str) -> Result<usize, CheckpointError> {
+        let keys = self.load_sink_offsets(sink)?;
+        for (topic, partition, _) in &keys {
+            self.db.delete(format!("sink/{sink}/{topic}/{partition}"))?;
+        }
+        Ok(keys.len())
+    }
+
     fn get_lsn(&self, key: &str) -> Result<Option<Lsn>, CheckpointError> {
         match self.db.get(key)? {
             None => Ok(None),
@@ -131,6 +190,17 @@ mod tests {
         assert!(b.snapshot_done);
         assert_eq!(b.lsn, Some(Lsn(7)));
         s.clear_source("b").expect("clears");
+        s.save_sink_offsets("k", &[("t.a".into(), 0, 5), ("t.a".into(), 1, 9)])
+            .expect("saves");
+        s.save_sink_offsets("k", &[("t.a".into(), 0, 7)]).expect("saves");
+        s.save_sink_offsets("k2", &[("t.b".into(), 0, 1)]).expect("saves");
+        assert_eq!(
+            s.load_sink_offsets("k").expect("loads"),
+            vec![("t.a".to_string(), 0, 7), ("t.a".to_string(), 1, 9)]
+        );
+        assert_eq!(s.clear_sink("k").expect("clears"), 2);
+        assert!(s.load_sink_offsets("k").expect("loads").is_empty());
+        assert_eq!(s.load_sink_offsets("k2").expect("loads").len(), 1);
         assert_eq!(s.load_source("b").expect("loads"), ResumeState::default());
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);

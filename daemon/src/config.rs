@@ -38,6 +38,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
     /// Problems worth a warning but not a refusal (filled by `load`).
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -237,6 +239,95 @@ fn one() -> i32 {
 }
 fn default_cleanup() -> String {
     "delete".into()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    Postgres,
+}
+
+/// What a sink does with an event the target refuses after retries.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Write it to the dead-letter topic with headers naming the error, and go on.
+    #[default]
+    DeadLetter,
+    /// Stop the sink (it retries with backoff, applying nothing past the event).
+    Stop,
+}
+
+/// A sink: Kafka topics applied to a target PostgreSQL database.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    #[serde(rename = "type")]
+    pub kind: SinkKind,
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+    pub database: String,
+    #[serde(default)]
+    pub sslmode: SslModeSetting,
+    pub sslrootcert: Option<PathBuf>,
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Consume every topic of this configured source (`<its topic_prefix>.*`).
+    pub source: Option<String>,
+    /// Or: these topics.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Or: every topic matching this regular expression (must start with `^`).
+    pub topic_pattern: Option<String>,
+    /// Kafka consumer group; default `bitclone9-sink-<name>`.
+    pub group_id: Option<String>,
+    /// Create missing target tables from the event schemas.
+    #[serde(default = "yes")]
+    pub create_tables: bool,
+    /// Write every table into this schema instead of its source schema.
+    pub target_schema: Option<String>,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Dead-letter topic; default `bitclone9.dead-letter.<name>`.
+    pub dead_letter_topic: Option<String>,
+    /// Most events applied in one target transaction.
+    #[serde(default = "default_max_batch")]
+    pub max_batch_events: usize,
+    /// How long a batch waits to fill once its first event arrived.
+    #[serde(default = "default_batch_wait", with = "humantime_serde")]
+    pub max_batch_wait: Duration,
+    /// librdkafka consumer settings passed through.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_batch() -> usize {
+    10_000
+}
+fn default_batch_wait() -> Duration {
+    Duration::from_millis(20)
+}
+
+impl SinkConfig {
+    pub fn group(&self, sink: &str) -> String {
+        self.group_id
+            .clone()
+            .unwrap_or_else(|| format!("bitclone9-sink-{sink}"))
+    }
+    pub fn dead_letter(&self, sink: &str) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("bitclone9.dead-letter.{sink}"))
+    }
 }
 
 impl SourceConfig {
@@ -446,7 +537,78 @@ impl Config {
                 ));
             }
         }
+        for (name, k) in &self.sinks {
+            let at = |key: &str| format!("sinks.{name}.{key}");
+            if !name_ok(name, &['-']) {
+                return Err((
+                    format!("sinks.{name}"),
+                    "sink names may use letters, digits, '_' and '-' only".into(),
+                ));
+            }
+            if self.sources.contains_key(name) {
+                return Err((
+                    format!("sinks.{name}"),
+                    "a source has the same name: connector names must be unique".into(),
+                ));
+            }
+            let ways = usize::from(k.source.is_some())
+                + usize::from(!k.topics.is_empty())
+                + usize::from(k.topic_pattern.is_some());
+            if ways != 1 {
+                return Err((
+                    at("source"),
+                    "give exactly one of source (a configured source's topics), topics (a list) or topic_pattern (a regular expression)".into(),
+                ));
+            }
+            if let Some(src) = &k.source {
+                if !self.sources.contains_key(src) {
+                    return Err((
+                        at("source"),
+                        format!(
+                            "no source named {src:?} is configured (known: {})",
+                            self.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+            if let Some(p) = &k.topic_pattern {
+                if !p.starts_with('^') {
+                    return Err((
+                        at("topic_pattern"),
+                        format!("expected a regular expression starting with ^, got {p:?}"),
+                    ));
+                }
+            }
+            if k.max_batch_events == 0 {
+                return Err((at("max_batch_events"), "expected at least 1".into()));
+            }
+            if k.sslmode == SslModeSetting::VerifyFull && k.host.parse::<std::net::IpAddr>().is_ok()
+            {
+                return Err((at("host"), format!("sslmode = \"verify-full\" checks the certificate against a host name, not an IP address ({}): use the server's DNS name, or sslmode = \"verify-ca\"", k.host)));
+            }
+            if k.sslcert.is_some() != k.sslkey.is_some() {
+                return Err((
+                    at("sslcert"),
+                    "sslcert and sslkey go together: give both or neither".into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The topics (or `^pattern`) the sink `name` subscribes to.
+    pub fn sink_subscription(&self, name: &str) -> Vec<String> {
+        let Some(k) = self.sinks.get(name) else {
+            return Vec::new();
+        };
+        if let Some(src) = k.source.as_ref().and_then(|s| self.sources.get(s).map(|c| (s, c))) {
+            let prefix = src.1.prefix(src.0).replace('.', "\\.");
+            return vec![format!("^{prefix}\\..*")];
+        }
+        if let Some(p) = &k.topic_pattern {
+            return vec![p.clone()];
+        }
+        k.topics.clone()
     }
 }
 
@@ -471,6 +633,13 @@ fn world_readable_secrets(file: &Path, text: &str) -> Vec<String> {
         for (name, s) in sources {
             if literal(s.get("password")) {
                 keys.push(format!("sources.{name}.password"));
+            }
+        }
+    }
+    if let Some(sinks) = value.get("sinks").and_then(toml::Value::as_table) {
+        for (name, s) in sinks {
+            if literal(s.get("password")) {
+                keys.push(format!("sinks.{name}.password"));
             }
         }
     }

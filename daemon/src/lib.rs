@@ -5,6 +5,8 @@ pub mod admin;
 pub mod checkpoint;
 pub mod config;
 pub mod pipeline;
+pub mod sink;
+pub mod verify;
 pub mod status;
 
 /// The version and the git commit the binary was built from.
@@ -17,7 +19,83 @@ pub const VERSION: &str = concat!(
 
 use bitclone9_kafka::{KafkaSettings, TopicSettings};
 use bitclone9_postgres_source::{PostgresSourceConfig, SnapshotMode, TlsMode, TlsSettings};
-use config::{Config, SnapshotSetting, SourceConfig, SslModeSetting};
+use bitclone9_postgres_sink::PostgresTargetConfig;
+use bitclone9_postgres_source::PgEndpoint;
+use config::{Config, OnError, SnapshotSetting, SourceConfig, SslModeSetting};
+
+fn tls_mode(m: SslModeSetting) -> TlsMode {
+    match m {
+        SslModeSetting::Disable => TlsMode::Disable,
+        SslModeSetting::Require => TlsMode::Require,
+        SslModeSetting::VerifyCa => TlsMode::VerifyCa,
+        SslModeSetting::VerifyFull => TlsMode::VerifyFull,
+    }
+}
+
+/// The target database of the sink named `name`.
+pub fn sink_endpoint(k: &config::SinkConfig) -> PgEndpoint {
+    PgEndpoint {
+        host: k.host.clone(),
+        port: k.port,
+        user: k.user.clone(),
+        password: k.password.clone(),
+        database: k.database.clone(),
+        connect_timeout: k.connect_timeout,
+        tls: TlsSettings {
+            mode: tls_mode(k.sslmode),
+            root_cert: k.sslrootcert.clone(),
+            client_cert: k.sslcert.clone(),
+            client_key: k.sslkey.clone(),
+        },
+    }
+}
+
+/// The source database of the source named `name`, for SQL sessions (e.g. `verify`).
+pub fn source_endpoint(s: &SourceConfig) -> PgEndpoint {
+    PgEndpoint {
+        host: s.host.clone(),
+        port: s.port,
+        user: s.user.clone(),
+        password: s.password.clone(),
+        database: s.database.clone(),
+        connect_timeout: s.connect_timeout,
+        tls: TlsSettings {
+            mode: tls_mode(s.sslmode),
+            root_cert: s.sslrootcert.clone(),
+            client_cert: s.sslcert.clone(),
+            client_key: s.sslkey.clone(),
+        },
+    }
+}
+
+/// The settings of the sink named `name`.
+pub fn sink_settings(name: &str, cfg: &Config) -> Option<sink::SinkPipelineConfig> {
+    let k = cfg.sinks.get(name)?;
+    Some(sink::SinkPipelineConfig {
+        name: name.to_string(),
+        kafka: kafka_settings(cfg),
+        consumer: k
+            .consumer
+            .iter()
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .collect(),
+        group: k.group(name),
+        subscription: cfg.sink_subscription(name),
+        target: PostgresTargetConfig {
+            name: name.to_string(),
+            endpoint: sink_endpoint(k),
+            create_tables: k.create_tables,
+            schema: k.target_schema.clone(),
+        },
+        on_error: match k.on_error {
+            OnError::DeadLetter => sink::PoisonPolicy::DeadLetter,
+            OnError::Stop => sink::PoisonPolicy::Stop,
+        },
+        dead_letter_topic: k.dead_letter(name),
+        max_batch: k.max_batch_events,
+        max_wait: k.max_batch_wait,
+    })
+}
 
 /// The Kafka settings of a configuration.
 pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
@@ -55,12 +133,7 @@ pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
         status_interval: s.status_interval,
         connect_timeout: s.connect_timeout,
         tls: TlsSettings {
-            mode: match s.sslmode {
-                SslModeSetting::Disable => TlsMode::Disable,
-                SslModeSetting::Require => TlsMode::Require,
-                SslModeSetting::VerifyCa => TlsMode::VerifyCa,
-                SslModeSetting::VerifyFull => TlsMode::VerifyFull,
-            },
+            mode: tls_mode(s.sslmode),
             root_cert: s.sslrootcert.clone(),
             client_cert: s.sslcert.clone(),
             client_key: s.sslkey.clone(),

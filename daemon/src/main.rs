@@ -50,6 +50,50 @@ enum Command {
         #[command(subcommand)]
         action: SlotAction,
     },
+    /// Compare every table a sink clones with its source (row counts and checksums per key
+    /// range); exit 0 when equal, 1 when a table differs.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this sink (default: every sink with a `source`).
+        #[arg(long)]
+        sink: Option<String>,
+        /// Rows per compared key range.
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: i64,
+        /// Comparisons of a differing range before it is reported (the source may be changing).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Wait between rounds.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
+    /// Show each sink's applied offsets and lag, or reset a sink to replay its topics.
+    Offsets {
+        #[command(subcommand)]
+        action: OffsetsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum OffsetsAction {
+    /// Print each sink's positions: applied (in the target), checkpointed, committed to the
+    /// consumer group, the partition's end and the lag.
+    Show {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Forget one sink's positions (target, checkpoint store and consumer group), so its next
+    /// run applies every topic from the beginning. Refused while the daemon runs.
+    Reset {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        sink: String,
+        /// Confirm: the sink re-applies everything still in its topics.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,6 +125,10 @@ fn main() -> ExitCode {
         | Command::Status { config }
         | Command::Slot {
             action: SlotAction::Show { config } | SlotAction::Drop { config, .. },
+        }
+        | Command::Verify { config, .. }
+        | Command::Offsets {
+            action: OffsetsAction::Show { config } | OffsetsAction::Reset { config, .. },
         } => (config, None),
     };
     let cfg = match Config::load(config_path) {
@@ -109,6 +157,22 @@ fn main() -> ExitCode {
         Command::Check { connect, .. } => runtime.block_on(check(cfg, connect)),
         Command::Status { .. } => runtime.block_on(status_command(cfg)),
         Command::Slot { action } => runtime.block_on(slot_command(cfg, action)),
+        Command::Verify {
+            sink,
+            chunk_rows,
+            rounds,
+            interval,
+            ..
+        } => runtime.block_on(verify_command(
+            cfg,
+            sink,
+            bitclone9::verify::VerifyOptions {
+                chunk_rows: chunk_rows.max(1),
+                rounds,
+                interval,
+            },
+        )),
+        Command::Offsets { action } => runtime.block_on(offsets_command(cfg, action)),
     };
     match result {
         Ok(code) => code,
@@ -134,11 +198,31 @@ fn init_logging(cfg: &Config, over: Option<LogFormat>) {
     }
 }
 
-/// One running pipeline, with what it was started from.
+/// What a running connector was started from: a change in it restarts the connector on reload.
+#[derive(PartialEq)]
+enum StartedFrom {
+    Source(bitclone9::config::SourceConfig),
+    Sink(Box<bitclone9::sink::SinkPipelineConfig>),
+}
+
+/// One running connector, with what it was started from.
 struct Running {
-    source: bitclone9::config::SourceConfig,
+    from: StartedFrom,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the connector `name` of `cfg` would be started from.
+fn started_from(name: &str, cfg: &Config) -> Option<StartedFrom> {
+    if let Some(s) = cfg.sources.get(name) {
+        return Some(StartedFrom::Source(s.clone()));
+    }
+    bitclone9::sink_settings(name, cfg).map(|k| StartedFrom::Sink(Box::new(k)))
+}
+
+/// Every connector name of `cfg`: sources, then sinks.
+fn connector_names(cfg: &Config) -> Vec<String> {
+    cfg.sources.keys().chain(cfg.sinks.keys()).cloned().collect()
 }
 
 fn start_pipeline(
@@ -147,20 +231,30 @@ fn start_pipeline(
     store: &Arc<CheckpointStore>,
     status: &Arc<Status>,
 ) -> Option<Running> {
-    let source = cfg.sources.get(name)?.clone();
-    let pc = PipelineConfig {
-        source: bitclone9::source_settings(name, &source),
-        kafka: bitclone9::kafka_settings(cfg),
-        topics: bitclone9::topic_settings(name, &source),
-    };
+    let from = started_from(name, cfg)?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(pipeline::supervise(
-        pc,
-        store.clone(),
-        status.clone(),
-        stop_rx,
-    ));
-    Some(Running { source, stop, task })
+    let task = match &from {
+        StartedFrom::Source(source) => {
+            let pc = PipelineConfig {
+                source: bitclone9::source_settings(name, source),
+                kafka: bitclone9::kafka_settings(cfg),
+                topics: bitclone9::topic_settings(name, source),
+            };
+            tokio::spawn(pipeline::supervise(
+                pc,
+                store.clone(),
+                status.clone(),
+                stop_rx,
+            ))
+        }
+        StartedFrom::Sink(k) => tokio::spawn(bitclone9::sink::supervise(
+            (**k).clone(),
+            store.clone(),
+            status.clone(),
+            stop_rx,
+        )),
+    };
+    Some(Running { from, stop, task })
 }
 
 /// Applies a new configuration: stops removed and changed pipelines (each finishes its
@@ -186,8 +280,8 @@ async fn reload(
     let kafka_changed = new.kafka != current.kafka;
     let names: Vec<String> = running.keys().cloned().collect();
     for name in names {
-        let keep =
-            !kafka_changed && new.sources.get(&name) == running.get(&name).map(|r| &r.source);
+        let keep = !kafka_changed
+            && started_from(&name, &new).as_ref() == running.get(&name).map(|r| &r.from);
         if keep {
             continue;
         }
@@ -198,21 +292,21 @@ async fn reload(
             status.remove(&name);
         }
     }
-    for name in new.sources.keys() {
-        if !running.contains_key(name) {
+    for name in connector_names(&new) {
+        if !running.contains_key(&name) {
             tracing::info!(connector = %name, "reload: starting pipeline");
-            if let Some(r) = start_pipeline(name, &new, store, status) {
+            if let Some(r) = start_pipeline(&name, &new, store, status) {
                 running.insert(name.clone(), r);
             }
         }
     }
-    tracing::info!(sources = running.len(), "configuration reloaded");
+    tracing::info!(connectors = running.len(), "configuration reloaded");
     *current = new;
 }
 
 async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
-    if cfg.sources.is_empty() {
-        eprintln!("bitclone9: configuration error: no [sources.NAME] section: nothing to run");
+    if cfg.sources.is_empty() && cfg.sinks.is_empty() {
+        eprintln!("bitclone9: configuration error: no [sources.NAME] or [sinks.NAME] section: nothing to run");
         return Ok(ExitCode::from(2));
     }
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -242,13 +336,14 @@ async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
     tracing::info!(address = %admin_addr, "admin endpoint listening");
     let store = Arc::new(CheckpointStore::open(&cfg.daemon.state_dir)?);
     let mut running = std::collections::BTreeMap::new();
-    for name in cfg.sources.keys() {
-        if let Some(r) = start_pipeline(name, &cfg, &store, &status) {
+    for name in connector_names(&cfg) {
+        if let Some(r) = start_pipeline(&name, &cfg, &store, &status) {
             running.insert(name.clone(), r);
         }
     }
     tracing::info!(
         sources = cfg.sources.len(),
+        sinks = cfg.sinks.len(),
         version = bitclone9::VERSION,
         "bitclone9 running"
     );
@@ -557,4 +652,254 @@ async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+async fn verify_command(
+    cfg: Config,
+    only: Option<String>,
+    opts: bitclone9::verify::VerifyOptions,
+) -> anyhow::Result<ExitCode> {
+    if let Some(name) = &only {
+        if !cfg.sinks.contains_key(name) {
+            eprintln!("bitclone9: no sink named {name:?} in the configuration");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    println!(
+        "comparing row counts and row checksums per key range of {} rows; the source may be changing, so a differing range is compared again up to {} times, {:?} apart",
+        opts.chunk_rows, opts.rounds, opts.interval
+    );
+    let mut differ = 0;
+    let mut compared = 0;
+    for (name, k) in &cfg.sinks {
+        if only.as_ref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let Some(source_name) = &k.source else {
+            println!("sink {name}: skipped: it has no `source`, so its source database is unknown");
+            continue;
+        };
+        let Some(s) = cfg.sources.get(source_name) else {
+            continue;
+        };
+        let sc = bitclone9::source_settings(source_name, s);
+        let tables = bitclone9_postgres_source::check(&sc)
+            .await
+            .with_context(|| format!("listing the tables of source {source_name}"))?;
+        let pairs: Vec<_> = tables
+            .into_iter()
+            .map(|t| {
+                let target = bitclone9_core::TableId::new(
+                    k.target_schema.clone().unwrap_or(t.schema.clone()),
+                    t.name.clone(),
+                );
+                (t, target)
+            })
+            .collect();
+        println!(
+            "sink {name}: source {source_name} ({}/{}) → target {}:{}/{}, {} table(s)",
+            s.host,
+            s.database,
+            k.host,
+            k.port,
+            k.database,
+            pairs.len()
+        );
+        let reports = bitclone9::verify::verify(
+            &bitclone9::source_endpoint(s),
+            &bitclone9::sink_endpoint(k),
+            &pairs,
+            opts,
+        )
+        .await?;
+        for r in &reports {
+            compared += 1;
+            if let Some(p) = &r.problem {
+                differ += 1;
+                println!("  {} → {}: DIFFERENT: {p}", r.source, r.target);
+            } else if r.equal() {
+                println!(
+                    "  {} → {}: equal ({} rows in {} key range(s){})",
+                    r.source,
+                    r.target,
+                    r.source_rows,
+                    r.ranges,
+                    if r.rounds_used > 1 {
+                        format!(", after {} rounds", r.rounds_used)
+                    } else {
+                        String::new()
+                    }
+                );
+            } else {
+                differ += 1;
+                println!(
+                    "  {} → {}: DIFFERENT in {} of {} key range(s) after {} round(s):",
+                    r.source,
+                    r.target,
+                    r.differing.len(),
+                    r.ranges,
+                    r.rounds_used
+                );
+                for d in &r.differing {
+                    println!(
+                        "    {}: source {} rows, target {} rows{}",
+                        r.describe(d),
+                        d.source_rows,
+                        d.target_rows,
+                        if d.source_rows == d.target_rows {
+                            " (same count, different content)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+    }
+    if differ > 0 {
+        println!("verify: {differ} of {compared} table(s) differ");
+        Ok(ExitCode::from(1))
+    } else {
+        println!("verify: all {compared} table(s) equal");
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<ExitCode> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    match action {
+        OffsetsAction::Show { .. } => {
+            let store = CheckpointStore::open(&cfg.daemon.state_dir)
+                .or_else(|_| CheckpointStore::open_read_only(&cfg.daemon.state_dir))
+                .ok();
+            let mut failed = false;
+            for (name, k) in &cfg.sinks {
+                let Some(sc) = bitclone9::sink_settings(name, &cfg) else {
+                    continue;
+                };
+                println!("sink {name} (group {}):", sc.group);
+                let applied =
+                    match bitclone9_postgres_sink::read_positions(&sc.target.endpoint, name).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            failed = true;
+                            println!("  target {}:{}/{}: FAILED: {e}", k.host, k.port, k.database);
+                            Vec::new()
+                        }
+                    };
+                let checkpointed = match &store {
+                    Some(s) => s.load_sink_offsets(name)?,
+                    None => Vec::new(),
+                };
+                let consumer: BaseConsumer = bitclone9::sink::consumer_config(&sc)
+                    .create()
+                    .context("creating the Kafka client")?;
+                let mut parts: Vec<(String, i32)> = applied
+                    .iter()
+                    .map(|p| (p.topic.clone(), p.partition))
+                    .chain(checkpointed.iter().map(|(t, p, _)| (t.clone(), *p)))
+                    .collect();
+                parts.sort();
+                parts.dedup();
+                if parts.is_empty() {
+                    println!("  nothing applied yet");
+                }
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for (t, p) in &parts {
+                    tpl.add_partition(t, *p);
+                }
+                let timeout = cfg.kafka.request_timeout;
+                let committed = {
+                    let c = &consumer;
+                    let tpl = tpl.clone();
+                    tokio::task::block_in_place(|| c.committed_offsets(tpl, timeout)).ok()
+                };
+                for (t, p) in &parts {
+                    let applied_off = applied
+                        .iter()
+                        .find(|x| &x.topic == t && x.partition == *p)
+                        .map(|x| x.applied.offset);
+                    let ckpt = checkpointed
+                        .iter()
+                        .find(|x| &x.0 == t && x.1 == *p)
+                        .map(|x| x.2);
+                    let group = committed.as_ref().and_then(|c| {
+                        c.find_partition(t, *p).and_then(|e| match e.offset() {
+                            rdkafka::Offset::Offset(o) => Some(o),
+                            _ => None,
+                        })
+                    });
+                    let end = tokio::task::block_in_place(|| {
+                        consumer.fetch_watermarks(t, *p, timeout).ok().map(|w| w.1)
+                    });
+                    let show = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+                    let lag = match (end, applied_off) {
+                        (Some(e), Some(a)) => Some((e - a - 1).max(0)),
+                        (Some(e), None) => Some(e),
+                        _ => None,
+                    };
+                    println!(
+                        "  {t}[{p}]: applied {}, checkpoint {}, group {}, end {}, lag {}",
+                        show(applied_off),
+                        show(ckpt),
+                        show(group),
+                        show(end),
+                        show(lag)
+                    );
+                }
+            }
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        OffsetsAction::Reset { sink, yes, .. } => {
+            let Some(sc) = bitclone9::sink_settings(&sink, &cfg) else {
+                eprintln!("bitclone9: no sink named {sink:?} in the configuration");
+                return Ok(ExitCode::from(2));
+            };
+            if !yes {
+                eprintln!("bitclone9: resetting {sink} makes it apply its topics again from the beginning. Add --yes to do it.");
+                return Ok(ExitCode::from(2));
+            }
+            if admin_get(&cfg, "/healthz").await.is_some() {
+                eprintln!(
+                    "bitclone9: the daemon is running (it answers on {}): stop it before resetting offsets",
+                    cfg.admin.listen
+                );
+                return Ok(ExitCode::from(1));
+            }
+            let store = CheckpointStore::open(&cfg.daemon.state_dir)
+                .context("stop bitclone9 before resetting offsets")?;
+            let deleted =
+                bitclone9_postgres_sink::reset_positions(&sc.target.endpoint, &sink).await?;
+            let cleared = store.clear_sink(&sink)?;
+            let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+                rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
+                    .create()
+                    .context("creating the Kafka admin client")?;
+            let opts = rdkafka::admin::AdminOptions::new()
+                .operation_timeout(Some(cfg.kafka.request_timeout));
+            let group = match admin.delete_groups(&[sc.group.as_str()], &opts).await {
+                Ok(r) => match r.into_iter().next() {
+                    Some(Ok(_)) => "deleted".to_string(),
+                    Some(Err((_, rdkafka::types::RDKafkaErrorCode::GroupIdNotFound))) | None => {
+                        "did not exist".to_string()
+                    }
+                    Some(Err((_, e))) => {
+                        anyhow::bail!("cannot delete consumer group {}: {e}", sc.group)
+                    }
+                },
+                Err(e) => anyhow::bail!("cannot reach Kafka to delete group {}: {e}", sc.group),
+            };
+            tracing::info!(connector = %sink, positions = deleted, checkpoints = cleared, group = %sc.group, "admin action: sink offsets reset");
+            println!(
+                "{sink}: {deleted} target position(s) and {cleared} checkpoint(s) forgotten; consumer group {} {group}; the next run applies from the beginning",
+                sc.group
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

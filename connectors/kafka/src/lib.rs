@@ -60,7 +60,7 @@ impl SinkError {
 }
 
 /// Kafka and registry connection settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     pub registry_url: String,

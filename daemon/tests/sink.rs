@@ -1,0 +1,483 @@
+//! Sinks against the real stack: a PostgreSQL database cloned through Kafka into another one,
+//! replayed, crashed, fed poison, and verified.
+
+mod common;
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// A source database and a target database, with a config that clones one into the other.
+struct Clone {
+    spec: SourceSpec,
+    target_db: String,
+    config: PathBuf,
+    src: Client,
+    dst: Client,
+}
+
+impl Clone {
+    /// `ddl` runs in the source; `target_ddl` in the target (types the events need, or tables
+    /// with extra constraints). `sink_extra` goes into the sink's section.
+    async fn new(prefix: &str, ddl: &str, target_ddl: &str, sink_extra: &str) -> Self {
+        let (db, src) = db_with(prefix, ddl).await;
+        let target_db = format!("{db}_t");
+        let dst = fresh_db(&target_db).await;
+        if !target_ddl.is_empty() {
+            dst.batch_execute(target_ddl).await.expect("target ddl");
+        }
+        let spec = SourceSpec::new(&db);
+        let (config, _) = write_config(&spec, "");
+        let s = stack();
+        let mut text = std::fs::read_to_string(&config).expect("config");
+        text.push_str(&format!(
+            r#"
+[sinks.{db}_clone]
+type = "postgres"
+host = "127.0.0.1"
+port = {port}
+user = "{user}"
+password = "${{TEST_PG_PASSWORD}}"
+database = "{target_db}"
+source = "{db}"
+max_batch_wait = "10ms"
+{sink_extra}
+"#,
+            port = s.pg_port,
+            user = s.pg_user,
+        ));
+        std::fs::write(&config, text).expect("write config");
+        Self {
+            spec,
+            target_db,
+            config,
+            src,
+            dst,
+        }
+    }
+
+    fn sink(&self) -> String {
+        format!("{}_clone", self.spec.db)
+    }
+
+    async fn cleanup(&self) {
+        cleanup(&self.spec.db).await;
+        cleanup(&self.target_db).await;
+    }
+}
+
+/// Every row of `table` as text, in key order.
+async fn dump(c: &Client, table: &str, order: &str) -> Vec<String> {
+    c.query(&format!("SELECT t::text FROM {table} t ORDER BY {order}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("dump {table}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Waits until every table reads the same in source and target; panics with the first
+/// difference after `timeout`.
+async fn wait_equal(cl: &Clone, tables: &[(&str, &str)], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut diff = None;
+        for (t, order) in tables {
+            let exists: bool = cl
+                .dst
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[t])
+                .await
+                .expect("regclass")
+                .get(0);
+            if !exists {
+                diff = Some(format!("{t} missing in target"));
+                break;
+            }
+            let (a, b) = (dump(&cl.src, t, order).await, dump(&cl.dst, t, order).await);
+            if a != b {
+                let first = a
+                    .iter()
+                    .zip(&b)
+                    .find(|(x, y)| x != y)
+                    .map(|(x, y)| format!("source {x}\ntarget {y}"))
+                    .unwrap_or_else(|| format!("source {} rows, target {} rows", a.len(), b.len()));
+                diff = Some(format!("{t}: {first}"));
+                break;
+            }
+        }
+        match diff {
+            None => return,
+            Some(d) if Instant::now() > deadline => {
+                panic!("source and target still differ after {timeout:?}: {d}")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+const ALL_TYPES: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN price AS numeric(12,2);
+CREATE TABLE items (
+    id bigint PRIMARY KEY,
+    sm smallint, i int, name text, vc varchar(20), ch char(3),
+    price numeric(10,2), big numeric, dom price,
+    f4 real, f8 double precision, flag boolean,
+    d date, t time, ts timestamp, tz timestamptz,
+    u uuid, j jsonb, js json, b bytea, m mood,
+    tags text[], nums int[], amounts numeric(12,3)[], moods mood[],
+    iv interval, ip inet, doc text
+);
+CREATE TABLE orders (region text, n int, v text, PRIMARY KEY (region, n));
+CREATE TABLE scratch (id int PRIMARY KEY, v text);
+CREATE TABLE full_ident (id int PRIMARY KEY, v text);
+ALTER TABLE full_ident REPLICA IDENTITY FULL;
+";
+
+const TARGET_TYPES: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN price AS numeric(12,2);
+";
+
+/// Inserts `n` rows into items starting at `from`, with every type filled (some NULL).
+fn items_insert(from: i64, n: i64) -> String {
+    format!(
+        "INSERT INTO items SELECT g, (g % 30000)::smallint, g::int * 7, 'name ' || g || E'\\t\\\\ \"q\"\\n',
+            'vc' || g, 'c' || (g % 10), (g * 1.25)::numeric(10,2), g * 1000000000000.000001, g / 3.0,
+            g / 7.0, g / 9.0, g % 2 = 0,
+            DATE '2024-02-29' + (g % 1000)::int - 500, TIME '12:30:45.123456' + g * interval '1 second',
+            TIMESTAMP '0044-03-15 12:00:00 BC' + g * interval '1 day',
+            TIMESTAMPTZ '2024-01-01 00:00:00+02' + g * interval '1 microsecond',
+            md5(g::text)::uuid, jsonb_build_object('k', g, 'a', jsonb_build_array(1, 'x')), '{{\"z\": 1,  \"a\": 2}}',
+            decode(md5(g::text), 'hex'), (ARRAY['sad','ok','happy']::mood[])[1 + g % 3],
+            ARRAY['a', NULL, 'b,c', 'd\"e', 'NULL'], ARRAY[g::int, NULL, -1], ARRAY[1.5, NULL]::numeric(12,3)[],
+            ARRAY['ok','happy']::mood[], make_interval(days => g::int, secs => 1.5), '10.0.0.1/8',
+            CASE WHEN g % 50 = 0 THEN repeat(md5(g::text), 400) ELSE NULL END
+          FROM generate_series({from}, {}) g",
+        from + n - 1
+    )
+}
+
+/// Mixed load on the all-types schema until `stop`: inserts, updates (some leaving the large
+/// TOASTed doc unchanged), deletes, key changes on orders, and truncate + refill of scratch.
+fn start_mixed_load(db: &str, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
+    let db = db.to_string();
+    tokio::spawn(async move {
+        let s = stack();
+        let c = connect(&db, &s.pg_user, &s.pg_password).await;
+        let mut round = 0u64;
+        let mut next = 100_000i64;
+        while !*stop.borrow() {
+            round += 1;
+            let r = round as i64;
+            let sql = format!(
+                "BEGIN;
+                 {ins};
+                 UPDATE items SET i = i + 1, name = 'upd ' || {r} WHERE id % 97 = {m};
+                 UPDATE items SET flag = NOT flag WHERE doc IS NOT NULL AND id % 13 = {m13};
+                 DELETE FROM items WHERE id % 89 = {m89} AND id > 200;
+                 INSERT INTO orders VALUES ('eu', {r}, 'o{r}'), ('us', {r}, 'o{r}');
+                 UPDATE orders SET n = n + 100000 WHERE region = 'eu' AND n = {r} - 1;
+                 DELETE FROM orders WHERE region = 'us' AND n = {r} - 2;
+                 INSERT INTO full_ident VALUES ({r}, 'f') ON CONFLICT (id) DO UPDATE SET v = 'g';
+                 UPDATE full_ident SET v = v || 'x' WHERE id = {r} / 2;
+                 COMMIT;",
+                ins = items_insert(next, 5),
+                m = r % 97,
+                m13 = r % 13,
+                m89 = r % 89,
+            );
+            next += 5;
+            c.batch_execute(&sql).await.expect("mixed load");
+            if round % 40 == 0 {
+                c.batch_execute(&format!(
+                    "BEGIN; TRUNCATE scratch; INSERT INTO scratch SELECT g, 'r{r}' FROM generate_series(1, 20) g; COMMIT;"
+                ))
+                .await
+                .expect("truncate load");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        round
+    })
+}
+
+async fn types(c: &Client) -> Vec<String> {
+    c.query(
+        "SELECT attname::text || ' ' || format_type(atttypid, atttypmod) FROM pg_attribute
+          WHERE attrelid = 'items'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        &[],
+    )
+    .await
+    .expect("types")
+    .iter()
+    .map(|r| r.get::<_, String>(0))
+    .collect()
+}
+
+async fn positions(c: &Client, sink: String) -> Vec<(String, i32, i64)> {
+    c.query(
+        "SELECT topic, kafka_partition, kafka_offset FROM bitclone9.sink_positions WHERE sink = $1 ORDER BY 1, 2",
+        &[&sink],
+    )
+    .await
+    .expect("positions")
+    .iter()
+    .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1), r.get::<_, i64>(2)))
+    .collect()
+}
+
+const TABLES: &[(&str, &str)] = &[
+    ("items", "id"),
+    ("orders", "region, n"),
+    ("scratch", "id"),
+    ("full_ident", "id"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_all_types_under_load_then_verify_and_replay() {
+    let cl = Clone::new("skclone", ALL_TYPES, TARGET_TYPES, "").await;
+    cl.src.batch_execute(&items_insert(1, 3000)).await.expect("seed");
+    cl.src
+        .batch_execute("INSERT INTO scratch SELECT g, 'seed' FROM generate_series(1, 10) g; INSERT INTO items (id) VALUES (0)")
+        .await
+        .expect("seed");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Load runs during the snapshot and after it.
+    let load = start_mixed_load(&cl.spec.db, stop_rx);
+    let mut daemon = Daemon::start(&cl.config, "clone");
+    daemon
+        .wait_log("streaming started", Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _ = stop_tx.send(true);
+    let rounds = load.await.expect("load");
+    assert!(rounds > 20, "the load ran {rounds} rounds");
+    wait_equal(&cl, TABLES, Duration::from_secs(120)).await;
+
+    let (code, out) = cli(&cl.config, &["verify", "--chunk-rows", "500"], &[]);
+    assert_eq!(code, Some(0), "verify: {out}");
+    assert!(out.contains("public.items → public.items: equal"), "{out}");
+    assert!(out.contains("verify: all 4 table(s) equal"), "{out}");
+
+    // The cloned table has the source's column types.
+    assert_eq!(types(&cl.src).await, types(&cl.dst).await);
+
+    // Replay: forget the sink's offsets and apply every topic again from offset 0.
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_text());
+    let before: HashMap<&str, Vec<String>> = {
+        let mut m = HashMap::new();
+        for (t, o) in TABLES {
+            m.insert(*t, dump(&cl.dst, t, o).await);
+        }
+        m
+    };
+    let applied = positions(&cl.dst, cl.sink()).await;
+    assert!(!applied.is_empty());
+    let (code, out) = cli(&cl.config, &["offsets", "reset", "--sink", &cl.sink(), "--yes"], &[]);
+    assert_eq!(code, Some(0), "reset: {out}");
+    assert!(positions(&cl.dst, cl.sink()).await.is_empty(), "reset forgets the target positions");
+    // A row lost behind the sink's back comes back only if the replay really re-applies.
+    cl.dst.batch_execute("DELETE FROM items WHERE id = 1").await.expect("delete");
+    let mut daemon = Daemon::start(&cl.config, "replay");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while positions(&cl.dst, cl.sink()).await != applied {
+        assert!(Instant::now() < deadline, "replay did not reach {applied:?}; log:\n{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for (t, o) in TABLES {
+        assert_eq!(dump(&cl.dst, t, o).await, before[t], "{t} after replay");
+    }
+    let (code, out) = cli(&cl.config, &["offsets", "show"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("lag 0"), "{out}");
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_sigkill_during_load_loses_and_doubles_nothing() {
+    let cl = Clone::new("skcrash", ALL_TYPES, TARGET_TYPES, "max_batch_events = 300").await;
+    cl.src.batch_execute(&items_insert(1, 1000)).await.expect("seed");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = start_mixed_load(&cl.spec.db, stop_rx);
+    let mut seed = std::process::id() as u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..10 {
+        let mut daemon = Daemon::start(&cl.config, &format!("crash{i}"));
+        let wait = 800 + rand() % 2500;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        assert!(daemon.is_running(), "daemon died by itself:\n{}", daemon.log_text());
+        daemon.kill9();
+    }
+    let _ = stop_tx.send(true);
+    load.await.expect("load");
+    let mut daemon = Daemon::start(&cl.config, "final");
+    wait_equal(&cl, TABLES, Duration::from_secs(180)).await;
+    let (code, out) = cli(&cl.config, &["verify"], &[]);
+    assert_eq!(code, Some(0), "verify: {out}");
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.cleanup().await;
+}
+
+/// Reads every record of `topic` (from the start) until `n` arrived or `timeout` passed.
+async fn read_raw(topic: &str, n: usize, timeout: Duration) -> Vec<(HashMap<String, String>, Option<Vec<u8>>)> {
+    let s = stack();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &s.bootstrap)
+        .set("group.id", unique("bc9raw"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < n && Instant::now() < deadline {
+        let m = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
+        if let Some(Ok(m)) = m {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((headers, m.payload().map(<[u8]>::to_vec)));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
+    let ddl = "CREATE TABLE acct (id int PRIMARY KEY, qty int)";
+    // The target refuses quantities of 1000 and more.
+    let cl = Clone::new(
+        "skpoison",
+        ddl,
+        "CREATE TABLE acct (id int PRIMARY KEY, qty int CHECK (qty < 1000))",
+        "",
+    )
+    .await;
+    let sink = cl.sink();
+    let dlq = format!("bitclone9.dead-letter.{sink}");
+    let topic = cl.spec.topic("acct");
+    cl.src
+        .batch_execute("INSERT INTO acct SELECT g, g FROM generate_series(1, 5) g")
+        .await
+        .expect("rows");
+    let mut daemon = Daemon::start(&cl.config, "poison");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let n: i64 = cl.dst.query_one("SELECT count(*) FROM acct", &[]).await.map(|r| r.get(0)).unwrap_or(0);
+        if n == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "first rows not applied; log:\n{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Garbage bytes and an unknown schema id, produced straight into the sink's topic.
+    let s = stack();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &s.bootstrap)
+        .create()
+        .expect("producer");
+    for payload in [b"not avro at all".to_vec(), vec![0, 0x7f, 0xff, 0xff, 0xf0, 2, 4, 6]] {
+        producer
+            .send(FutureRecord::<[u8], [u8]>::to(&topic).payload(&payload), Duration::from_secs(10))
+            .await
+            .expect("produce poison");
+    }
+    // A row the target's constraint refuses, between good rows.
+    cl.src
+        .batch_execute("INSERT INTO acct VALUES (6, 6); INSERT INTO acct VALUES (7, 5000); INSERT INTO acct VALUES (8, 8); UPDATE acct SET qty = 50 WHERE id = 1")
+        .await
+        .expect("more rows");
+    let letters = read_raw(&dlq, 3, Duration::from_secs(90)).await;
+    assert_eq!(letters.len(), 3, "dead letters: {letters:?}\nlog:\n{}", daemon.log_text());
+    let kinds: Vec<&str> = letters.iter().map(|(h, _)| h["bitclone9.error.kind"].as_str()).collect();
+    assert_eq!(kinds, vec!["frame", "unknown_schema", "23514"], "{letters:?}");
+    for (h, payload) in &letters {
+        assert_eq!(h["bitclone9.source.topic"], topic);
+        assert_eq!(h["bitclone9.source.partition"], "0");
+        assert!(h["bitclone9.source.offset"].parse::<i64>().is_ok());
+        assert_eq!(h["bitclone9.sink"], sink);
+        assert!(!h["bitclone9.error"].is_empty());
+        assert!(payload.is_some(), "the original bytes are kept");
+    }
+    assert_eq!(letters[0].1.as_deref(), Some(&b"not avro at all"[..]));
+    // The refused row's letter names its source transaction.
+    assert!(letters[2].0.contains_key("bitclone9.lsn"), "{:?}", letters[2].0);
+    assert!(letters[2].0["bitclone9.error"].contains("acct"), "{:?}", letters[2].0);
+    // Everything else is applied, in order.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: Vec<(i32, i32)> = cl
+            .dst
+            .query("SELECT id, qty FROM acct ORDER BY id", &[])
+            .await
+            .expect("rows")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if rows == vec![(1, 50), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (8, 8)] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "target rows {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let addr = admin_addr(&mut daemon).await;
+    let (_, metrics) = http_get(&addr, "/metrics", None).await;
+    let m = parse_prometheus(&metrics);
+    let dead: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("bitclone9_sink_dead_letters_total") && k.contains(&sink))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(dead, 3.0, "{metrics}");
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_key_range_of_a_row_changed_behind_the_sinks_back() {
+    let cl = Clone::new("skverify", "CREATE TABLE t (id int PRIMARY KEY, v text)", "", "").await;
+    cl.src
+        .batch_execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 1000) g")
+        .await
+        .expect("rows");
+    let mut daemon = Daemon::start(&cl.config, "verify");
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(90)).await;
+    assert_eq!(daemon.terminate(), Some(0));
+    let (code, out) = cli(&cl.config, &["verify", "--chunk-rows", "100", "--rounds", "1"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+
+    cl.dst.batch_execute("UPDATE t SET v = 'tampered' WHERE id = 555").await.expect("tamper");
+    let (code, out) = cli(&cl.config, &["verify", "--chunk-rows", "100", "--rounds", "2", "--interval", "100ms"], &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("public.t → public.t: DIFFERENT in 1 of 10 key range(s)"), "{out}");
+    assert!(out.contains("(id) >= (501) AND (id) < (601): source 100 rows, target 100 rows (same count, different content)"), "{out}");
+
+    cl.dst.batch_execute("DELETE FROM t WHERE id = 1000").await.expect("delete");
+    let (code, out) = cli(&cl.config, &["verify", "--chunk-rows", "100", "--rounds", "1"], &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("(id) >= (901): source 100 rows, target 99 rows"), "{out}");
+    cl.cleanup().await;
+}
