@@ -83,7 +83,10 @@ impl CheckpointStore {
     }
 
     /// A sink's checkpointed offsets: (topic, partition, last applied offset).
-    pub fn load_sink_offsets(&self, sink: &str) -> Result<Vec<(String, i32, i64)>, CheckpointError> {
+    pub fn load_sink_offsets(
+        &self,
+        sink: &str,
+    ) -> Result<Vec<(String, i32, i64)>, CheckpointError> {
         let prefix = format!("sink/{sink}/");
         let mut out = Vec::new();
         for kv in self.db.prefix_iterator(prefix.as_bytes()) {
@@ -192,8 +195,10 @@ mod tests {
         s.clear_source("b").expect("clears");
         s.save_sink_offsets("k", &[("t.a".into(), 0, 5), ("t.a".into(), 1, 9)])
             .expect("saves");
-        s.save_sink_offsets("k", &[("t.a".into(), 0, 7)]).expect("saves");
-        s.save_sink_offsets("k2", &[("t.b".into(), 0, 1)]).expect("saves");
+        s.save_sink_offsets("k", &[("t.a".into(), 0, 7)])
+            .expect("saves");
+        s.save_sink_offsets("k2", &[("t.b".into(), 0, 1)])
+            .expect("saves");
         assert_eq!(
             s.load_sink_offsets("k").expect("loads"),
             vec![("t.a".to_string(), 0, 7), ("t.a".to_string(), 1, 9)]

@@ -601,7 +601,11 @@ impl Config {
         let Some(k) = self.sinks.get(name) else {
             return Vec::new();
         };
-        if let Some(src) = k.source.as_ref().and_then(|s| self.sources.get(s).map(|c| (s, c))) {
+        if let Some(src) = k
+            .source
+            .as_ref()
+            .and_then(|s| self.sources.get(s).map(|c| (s, c)))
+        {
             let prefix = src.1.prefix(src.0).replace('.', "\\.");
             return vec![format!("^{prefix}\\..*")];
         }

@@ -6,8 +6,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod pipeline;
 pub mod sink;
-pub mod verify;
 pub mod status;
+pub mod verify;
 
 /// The version and the git commit the binary was built from.
 pub const VERSION: &str = concat!(
@@ -18,9 +18,9 @@ pub const VERSION: &str = concat!(
 );
 
 use bitclone9_kafka::{KafkaSettings, TopicSettings};
-use bitclone9_postgres_source::{PostgresSourceConfig, SnapshotMode, TlsMode, TlsSettings};
 use bitclone9_postgres_sink::PostgresTargetConfig;
 use bitclone9_postgres_source::PgEndpoint;
+use bitclone9_postgres_source::{PostgresSourceConfig, SnapshotMode, TlsMode, TlsSettings};
 use config::{Config, OnError, SnapshotSetting, SourceConfig, SslModeSetting};
 
 fn tls_mode(m: SslModeSetting) -> TlsMode {

@@ -201,7 +201,7 @@ fn init_logging(cfg: &Config, over: Option<LogFormat>) {
 /// What a running connector was started from: a change in it restarts the connector on reload.
 #[derive(PartialEq)]
 enum StartedFrom {
-    Source(bitclone9::config::SourceConfig),
+    Source(Box<bitclone9::config::SourceConfig>),
     Sink(Box<bitclone9::sink::SinkPipelineConfig>),
 }
 
@@ -215,14 +215,18 @@ struct Running {
 /// What the connector `name` of `cfg` would be started from.
 fn started_from(name: &str, cfg: &Config) -> Option<StartedFrom> {
     if let Some(s) = cfg.sources.get(name) {
-        return Some(StartedFrom::Source(s.clone()));
+        return Some(StartedFrom::Source(Box::new(s.clone())));
     }
     bitclone9::sink_settings(name, cfg).map(|k| StartedFrom::Sink(Box::new(k)))
 }
 
 /// Every connector name of `cfg`: sources, then sinks.
 fn connector_names(cfg: &Config) -> Vec<String> {
-    cfg.sources.keys().chain(cfg.sinks.keys()).cloned().collect()
+    cfg.sources
+        .keys()
+        .chain(cfg.sinks.keys())
+        .cloned()
+        .collect()
 }
 
 fn start_pipeline(
@@ -778,15 +782,19 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
                     continue;
                 };
                 println!("sink {name} (group {}):", sc.group);
-                let applied =
-                    match bitclone9_postgres_sink::read_positions(&sc.target.endpoint, name).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            failed = true;
-                            println!("  target {}:{}/{}: FAILED: {e}", k.host, k.port, k.database);
-                            Vec::new()
-                        }
-                    };
+                let applied = match bitclone9_postgres_sink::read_positions(
+                    &sc.target.endpoint,
+                    name,
+                )
+                .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        failed = true;
+                        println!("  target {}:{}/{}: FAILED: {e}", k.host, k.port, k.database);
+                        Vec::new()
+                    }
+                };
                 let checkpointed = match &store {
                     Some(s) => s.load_sink_offsets(name)?,
                     None => Vec::new(),
@@ -832,7 +840,8 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
                     let end = tokio::task::block_in_place(|| {
                         consumer.fetch_watermarks(t, *p, timeout).ok().map(|w| w.1)
                     });
-                    let show = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+                    let show =
+                        |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
                     let lag = match (end, applied_off) {
                         (Some(e), Some(a)) => Some((e - a - 1).max(0)),
                         (Some(e), None) => Some(e),
@@ -882,17 +891,28 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
                     .context("creating the Kafka admin client")?;
             let opts = rdkafka::admin::AdminOptions::new()
                 .operation_timeout(Some(cfg.kafka.request_timeout));
-            let group = match admin.delete_groups(&[sc.group.as_str()], &opts).await {
-                Ok(r) => match r.into_iter().next() {
-                    Some(Ok(_)) => "deleted".to_string(),
+            // A stopped daemon's static group membership lingers until its session times out.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+            let group = loop {
+                let r = admin
+                    .delete_groups(&[sc.group.as_str()], &opts)
+                    .await
+                    .with_context(|| format!("cannot reach Kafka to delete group {}", sc.group))?;
+                match r.into_iter().next() {
+                    Some(Ok(_)) => break "deleted",
                     Some(Err((_, rdkafka::types::RDKafkaErrorCode::GroupIdNotFound))) | None => {
-                        "did not exist".to_string()
+                        break "did not exist"
+                    }
+                    Some(Err((_, rdkafka::types::RDKafkaErrorCode::NonEmptyGroup)))
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        eprintln!("consumer group {} still lists the stopped daemon; waiting for its session to expire", sc.group);
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                     }
                     Some(Err((_, e))) => {
-                        anyhow::bail!("cannot delete consumer group {}: {e}", sc.group)
+                        anyhow::bail!("cannot delete consumer group {}: {e} (is a daemon still consuming with it?)", sc.group)
                     }
-                },
-                Err(e) => anyhow::bail!("cannot reach Kafka to delete group {}: {e}", sc.group),
+                }
             };
             tracing::info!(connector = %sink, positions = deleted, checkpoints = cleared, group = %sc.group, "admin action: sink offsets reset");
             println!(

@@ -136,7 +136,14 @@ pub fn consumer_config(cfg: &SinkPipelineConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("topic.metadata.refresh.interval.ms", "5000")
         .set("socket.connection.setup.timeout.ms", "10000")
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // Static membership: a restarted daemon takes its partitions back at once instead of
+        // waiting for the group to notice that its previous process is gone.
+        .set(
+            "group.instance.id",
+            format!("bitclone9-{}-{}", cfg.name, hostname()),
+        )
+        .set("session.timeout.ms", "10000");
     for (k, v) in &cfg.consumer {
         c.set(k, v);
     }
@@ -145,6 +152,14 @@ pub fn consumer_config(cfg: &SinkPipelineConfig) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     c
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// One consumed record and what it decoded to.
@@ -181,9 +196,7 @@ struct Metrics {
 
 impl Metrics {
     fn new(name: &str) -> Self {
-        let op = |op: Op| {
-            metrics::counter!("bitclone9_sink_events_total", "connector" => name.to_string(), "op" => op.code())
-        };
+        let op = |op: Op| metrics::counter!("bitclone9_sink_events_total", "connector" => name.to_string(), "op" => op.code());
         Self {
             applied: [
                 op(Op::Insert),
@@ -237,9 +250,7 @@ async fn run_once(
     tracing::info!(connector = %name, topics = ?cfg.subscription, group = %cfg.group, "sink started");
     status.set_state(name, ConnectorState::Streaming);
     let m = Metrics::new(name);
-    let dead_letters = |reason: &str| {
-        metrics::counter!("bitclone9_sink_dead_letters_total", "connector" => name.to_string(), "reason" => reason.to_string())
-    };
+    let dead_letters = |reason: &str| metrics::counter!("bitclone9_sink_dead_letters_total", "connector" => name.to_string(), "reason" => reason.to_string());
 
     loop {
         // Wait for a first record (touching the status while idle), then fill the batch.
@@ -253,6 +264,11 @@ async fn run_once(
                 status.touch(name);
                 continue;
             }
+            Ok(Err(e)) if waiting_for_topics(&e) => {
+                tracing::debug!(connector = %name, "no subscribed topic exists yet: {e}");
+                status.touch(name);
+                continue;
+            }
             Ok(Err(e)) => return Err(SinkPipelineError::Kafka(format!("consuming: {e}"))),
             Ok(Ok(msg)) => msg.detach(),
         };
@@ -261,6 +277,7 @@ async fn run_once(
         while msgs.len() < cfg.max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(msg)) => msgs.push(msg.detach()),
+                Ok(Err(e)) if waiting_for_topics(&e) => break,
                 Ok(Err(e)) => return Err(SinkPipelineError::Kafka(format!("consuming: {e}"))),
                 Err(_) => break,
             }
@@ -278,6 +295,7 @@ async fn run_once(
         for (kind, n) in &outcome.dead_lettered {
             dead_letters(kind).increment(*n);
         }
+        tracing::debug!(connector = %name, records = items.len(), duplicates = outcome.duplicates, elapsed = ?started.elapsed(), "batch applied");
         m.apply_seconds.record(started.elapsed().as_secs_f64());
         m.batch_events.record(items.len() as f64);
         m.duplicates.increment(outcome.duplicates);
@@ -306,6 +324,18 @@ async fn run_once(
         }
         status.touch(name);
     }
+}
+
+/// A subscribed topic (or every topic of a pattern) does not exist yet: the source creates
+/// topics with their first events, so a sink started first waits for them.
+fn waiting_for_topics(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e,
+        rdkafka::error::KafkaError::MessageConsumption(
+            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition
+                | rdkafka::types::RDKafkaErrorCode::UnknownTopic
+        )
+    )
 }
 
 /// What a batch did.
@@ -520,9 +550,9 @@ async fn send_dead_letters(
         if let Some(p) = msg.payload() {
             rec = rec.payload(p);
         }
-        let f = producer
-            .send_result(rec)
-            .map_err(|(e, _)| SinkPipelineError::Kafka(format!("dead-letter topic {}: {e}", cfg.dead_letter_topic)))?;
+        let f = producer.send_result(rec).map_err(|(e, _)| {
+            SinkPipelineError::Kafka(format!("dead-letter topic {}: {e}", cfg.dead_letter_topic))
+        })?;
         pending.push(f);
     }
     for f in pending {
@@ -554,10 +584,12 @@ async fn ensure_topic(cfg: &SinkPipelineConfig) -> Result<(), SinkPipelineError>
         .map_err(|e| SinkPipelineError::Kafka(e.to_string()))?;
     let topic = NewTopic::new(&cfg.dead_letter_topic, 1, TopicReplication::Fixed(-1));
     let opts = AdminOptions::new().operation_timeout(Some(cfg.kafka.request_timeout));
-    let results = admin
-        .create_topics([&topic], &opts)
-        .await
-        .map_err(|e| SinkPipelineError::Kafka(format!("cannot reach Kafka at {}: {e}", cfg.kafka.bootstrap_servers)))?;
+    let results = admin.create_topics([&topic], &opts).await.map_err(|e| {
+        SinkPipelineError::Kafka(format!(
+            "cannot reach Kafka at {}: {e}",
+            cfg.kafka.bootstrap_servers
+        ))
+    })?;
     for r in results {
         match r {
             Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}

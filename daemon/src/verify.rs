@@ -35,11 +35,14 @@ pub struct VerifyOptions {
     pub interval: Duration,
 }
 
+/// A range end: the key values as text, `None` for an open end.
+type Bound = Option<Vec<String>>;
+
 /// One key range that differs: `[from, to)` in key order (`None`: open end).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RangeDiff {
-    pub from: Option<Vec<String>>,
-    pub to: Option<Vec<String>>,
+    pub from: Bound,
+    pub to: Bound,
     pub source_rows: i64,
     pub target_rows: i64,
 }
@@ -177,8 +180,10 @@ async fn verify_table(
         )
         .await
         .map_err(db("source"))?;
-    let columns: Vec<(String, String, bool)> =
-        cols.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let columns: Vec<(String, String, bool)> = cols
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     if columns.is_empty() {
         report.problem = Some("not found in the source".into());
         return Ok(report);
@@ -190,10 +195,7 @@ async fn verify_table(
     }
     report.key = key.iter().map(|c| c.0.clone()).collect();
     let exists: bool = dst
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&qualified(t)],
-        )
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified(t)])
         .await
         .map_err(db("target"))?
         .get(0);
@@ -203,7 +205,10 @@ async fn verify_table(
     }
     let key_row = format!(
         "ROW({})",
-        key.iter().map(|c| ident(&c.0)).collect::<Vec<_>>().join(", ")
+        key.iter()
+            .map(|c| ident(&c.0))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let row_hash = format!(
         "ROW({})::text",
@@ -247,7 +252,7 @@ async fn verify_table(
         .map(|r| (0..key.len()).map(|i| r.get::<_, String>(i)).collect())
         .collect();
     // Ranges: (-inf, b0), [b0, b1), ..., [bn, +inf).
-    let mut ranges: Vec<(Option<Vec<String>>, Option<Vec<String>>)> = Vec::new();
+    let mut ranges: Vec<(Bound, Bound)> = Vec::new();
     let mut prev: Option<Vec<String>> = None;
     for b in &bounds {
         ranges.push((prev.clone(), Some(b.clone())));

@@ -74,12 +74,15 @@ max_batch_wait = "10ms"
 
 /// Every row of `table` as text, in key order.
 async fn dump(c: &Client, table: &str, order: &str) -> Vec<String> {
-    c.query(&format!("SELECT t::text FROM {table} t ORDER BY {order}"), &[])
-        .await
-        .unwrap_or_else(|e| panic!("dump {table}: {e}"))
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    c.query(
+        &format!("SELECT dump_row::text FROM {table} dump_row ORDER BY {order}"),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("dump {table}: {e}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// Waits until every table reads the same in source and target; panics with the first
@@ -105,7 +108,12 @@ async fn wait_equal(cl: &Clone, tables: &[(&str, &str)], timeout: Duration) {
                     .iter()
                     .zip(&b)
                     .find(|(x, y)| x != y)
-                    .map(|(x, y)| format!("source {x}\ntarget {y}"))
+                    .map(|(x, y)| {
+                        let at = x.chars().zip(y.chars()).take_while(|(a, b)| a == b).count();
+                        let from = at.saturating_sub(40);
+                        let part = |s: &str| s.chars().skip(from).take(120).collect::<String>();
+                        format!("source …{}\ntarget …{}", part(x), part(y))
+                    })
                     .unwrap_or_else(|| format!("source {} rows, target {} rows", a.len(), b.len()));
                 diff = Some(format!("{t}: {first}"));
                 break;
@@ -158,7 +166,7 @@ fn items_insert(from: i64, n: i64) -> String {
             decode(md5(g::text), 'hex'), (ARRAY['sad','ok','happy']::mood[])[1 + g % 3],
             ARRAY['a', NULL, 'b,c', 'd\"e', 'NULL'], ARRAY[g::int, NULL, -1], ARRAY[1.5, NULL]::numeric(12,3)[],
             ARRAY['ok','happy']::mood[], make_interval(days => g::int, secs => 1.5), '10.0.0.1/8',
-            CASE WHEN g % 50 = 0 THEN repeat(md5(g::text), 400) ELSE NULL END
+            CASE WHEN g % 50 = 0 THEN (SELECT string_agg(md5(g::text || x::text), '') FROM generate_series(1, 300) x) END
           FROM generate_series({from}, {}) g",
         from + n - 1
     )
@@ -166,7 +174,10 @@ fn items_insert(from: i64, n: i64) -> String {
 
 /// Mixed load on the all-types schema until `stop`: inserts, updates (some leaving the large
 /// TOASTed doc unchanged), deletes, key changes on orders, and truncate + refill of scratch.
-fn start_mixed_load(db: &str, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
+fn start_mixed_load(
+    db: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u64> {
     let db = db.to_string();
     tokio::spawn(async move {
         let s = stack();
@@ -195,7 +206,7 @@ fn start_mixed_load(db: &str, stop: tokio::sync::watch::Receiver<bool>) -> tokio
             );
             next += 5;
             c.batch_execute(&sql).await.expect("mixed load");
-            if round % 40 == 0 {
+            if round.is_multiple_of(40) {
                 c.batch_execute(&format!(
                     "BEGIN; TRUNCATE scratch; INSERT INTO scratch SELECT g, 'r{r}' FROM generate_series(1, 20) g; COMMIT;"
                 ))
@@ -243,7 +254,10 @@ const TABLES: &[(&str, &str)] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_all_types_under_load_then_verify_and_replay() {
     let cl = Clone::new("skclone", ALL_TYPES, TARGET_TYPES, "").await;
-    cl.src.batch_execute(&items_insert(1, 3000)).await.expect("seed");
+    cl.src
+        .batch_execute(&items_insert(1, 3000))
+        .await
+        .expect("seed");
     cl.src
         .batch_execute("INSERT INTO scratch SELECT g, 'seed' FROM generate_series(1, 10) g; INSERT INTO items (id) VALUES (0)")
         .await
@@ -280,15 +294,29 @@ async fn clone_all_types_under_load_then_verify_and_replay() {
     };
     let applied = positions(&cl.dst, cl.sink()).await;
     assert!(!applied.is_empty());
-    let (code, out) = cli(&cl.config, &["offsets", "reset", "--sink", &cl.sink(), "--yes"], &[]);
+    let (code, out) = cli(
+        &cl.config,
+        &["offsets", "reset", "--sink", &cl.sink(), "--yes"],
+        &[],
+    );
     assert_eq!(code, Some(0), "reset: {out}");
-    assert!(positions(&cl.dst, cl.sink()).await.is_empty(), "reset forgets the target positions");
+    assert!(
+        positions(&cl.dst, cl.sink()).await.is_empty(),
+        "reset forgets the target positions"
+    );
     // A row lost behind the sink's back comes back only if the replay really re-applies.
-    cl.dst.batch_execute("DELETE FROM items WHERE id = 1").await.expect("delete");
+    cl.dst
+        .batch_execute("DELETE FROM items WHERE id = 1")
+        .await
+        .expect("delete");
     let mut daemon = Daemon::start(&cl.config, "replay");
     let deadline = Instant::now() + Duration::from_secs(120);
     while positions(&cl.dst, cl.sink()).await != applied {
-        assert!(Instant::now() < deadline, "replay did not reach {applied:?}; log:\n{}", daemon.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "replay did not reach {applied:?}; log:\n{}",
+            daemon.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     for (t, o) in TABLES {
@@ -304,7 +332,11 @@ async fn clone_all_types_under_load_then_verify_and_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_sigkill_during_load_loses_and_doubles_nothing() {
     let cl = Clone::new("skcrash", ALL_TYPES, TARGET_TYPES, "max_batch_events = 300").await;
-    cl.src.batch_execute(&items_insert(1, 1000)).await.expect("seed");
+    // Enough rows that early kills can land in the snapshot.
+    cl.src
+        .batch_execute(&items_insert(1, 15000))
+        .await
+        .expect("seed");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load = start_mixed_load(&cl.spec.db, stop_rx);
     let mut seed = std::process::id() as u64;
@@ -318,21 +350,32 @@ async fn repeated_sigkill_during_load_loses_and_doubles_nothing() {
         let mut daemon = Daemon::start(&cl.config, &format!("crash{i}"));
         let wait = 800 + rand() % 2500;
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        assert!(daemon.is_running(), "daemon died by itself:\n{}", daemon.log_text());
+        assert!(
+            daemon.is_running(),
+            "daemon died by itself:\n{}",
+            daemon.log_text()
+        );
         daemon.kill9();
     }
     let _ = stop_tx.send(true);
     load.await.expect("load");
     let mut daemon = Daemon::start(&cl.config, "final");
+    let t0 = Instant::now();
     wait_equal(&cl, TABLES, Duration::from_secs(180)).await;
+    eprintln!("equal after {:?}", t0.elapsed());
     let (code, out) = cli(&cl.config, &["verify"], &[]);
+    eprintln!("verified after {:?}", t0.elapsed());
     assert_eq!(code, Some(0), "verify: {out}");
     assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }
 
 /// Reads every record of `topic` (from the start) until `n` arrived or `timeout` passed.
-async fn read_raw(topic: &str, n: usize, timeout: Duration) -> Vec<(HashMap<String, String>, Option<Vec<u8>>)> {
+async fn read_raw(
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(HashMap<String, String>, Option<Vec<u8>>)> {
     let s = stack();
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &s.bootstrap)
@@ -386,11 +429,20 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
     let mut daemon = Daemon::start(&cl.config, "poison");
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let n: i64 = cl.dst.query_one("SELECT count(*) FROM acct", &[]).await.map(|r| r.get(0)).unwrap_or(0);
+        let n: i64 = cl
+            .dst
+            .query_one("SELECT count(*) FROM acct", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
         if n == 5 {
             break;
         }
-        assert!(Instant::now() < deadline, "first rows not applied; log:\n{}", daemon.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "first rows not applied; log:\n{}",
+            daemon.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Garbage bytes and an unknown schema id, produced straight into the sink's topic.
@@ -399,9 +451,15 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
         .set("bootstrap.servers", &s.bootstrap)
         .create()
         .expect("producer");
-    for payload in [b"not avro at all".to_vec(), vec![0, 0x7f, 0xff, 0xff, 0xf0, 2, 4, 6]] {
+    for payload in [
+        b"not avro at all".to_vec(),
+        vec![0, 0x7f, 0xff, 0xff, 0xf0, 2, 4, 6],
+    ] {
         producer
-            .send(FutureRecord::<[u8], [u8]>::to(&topic).payload(&payload), Duration::from_secs(10))
+            .send(
+                FutureRecord::<[u8], [u8]>::to(&topic).payload(&payload),
+                Duration::from_secs(10),
+            )
             .await
             .expect("produce poison");
     }
@@ -411,9 +469,21 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
         .await
         .expect("more rows");
     let letters = read_raw(&dlq, 3, Duration::from_secs(90)).await;
-    assert_eq!(letters.len(), 3, "dead letters: {letters:?}\nlog:\n{}", daemon.log_text());
-    let kinds: Vec<&str> = letters.iter().map(|(h, _)| h["bitclone9.error.kind"].as_str()).collect();
-    assert_eq!(kinds, vec!["frame", "unknown_schema", "23514"], "{letters:?}");
+    assert_eq!(
+        letters.len(),
+        3,
+        "dead letters: {letters:?}\nlog:\n{}",
+        daemon.log_text()
+    );
+    let kinds: Vec<&str> = letters
+        .iter()
+        .map(|(h, _)| h["bitclone9.error.kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["frame", "unknown_schema", "23514"],
+        "{letters:?}"
+    );
     for (h, payload) in &letters {
         assert_eq!(h["bitclone9.source.topic"], topic);
         assert_eq!(h["bitclone9.source.partition"], "0");
@@ -424,8 +494,16 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
     }
     assert_eq!(letters[0].1.as_deref(), Some(&b"not avro at all"[..]));
     // The refused row's letter names its source transaction.
-    assert!(letters[2].0.contains_key("bitclone9.lsn"), "{:?}", letters[2].0);
-    assert!(letters[2].0["bitclone9.error"].contains("acct"), "{:?}", letters[2].0);
+    assert!(
+        letters[2].0.contains_key("bitclone9.lsn"),
+        "{:?}",
+        letters[2].0
+    );
+    assert!(
+        letters[2].0["bitclone9.error"].contains("acct"),
+        "{:?}",
+        letters[2].0
+    );
     // Everything else is applied, in order.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -458,7 +536,13 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_the_key_range_of_a_row_changed_behind_the_sinks_back() {
-    let cl = Clone::new("skverify", "CREATE TABLE t (id int PRIMARY KEY, v text)", "", "").await;
+    let cl = Clone::new(
+        "skverify",
+        "CREATE TABLE t (id int PRIMARY KEY, v text)",
+        "",
+        "",
+    )
+    .await;
     cl.src
         .batch_execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 1000) g")
         .await
@@ -466,18 +550,50 @@ async fn verify_names_the_key_range_of_a_row_changed_behind_the_sinks_back() {
     let mut daemon = Daemon::start(&cl.config, "verify");
     wait_equal(&cl, &[("t", "id")], Duration::from_secs(90)).await;
     assert_eq!(daemon.terminate(), Some(0));
-    let (code, out) = cli(&cl.config, &["verify", "--chunk-rows", "100", "--rounds", "1"], &[]);
+    let (code, out) = cli(
+        &cl.config,
+        &["verify", "--chunk-rows", "100", "--rounds", "1"],
+        &[],
+    );
     assert_eq!(code, Some(0), "{out}");
 
-    cl.dst.batch_execute("UPDATE t SET v = 'tampered' WHERE id = 555").await.expect("tamper");
-    let (code, out) = cli(&cl.config, &["verify", "--chunk-rows", "100", "--rounds", "2", "--interval", "100ms"], &[]);
+    cl.dst
+        .batch_execute("UPDATE t SET v = 'tampered' WHERE id = 555")
+        .await
+        .expect("tamper");
+    let (code, out) = cli(
+        &cl.config,
+        &[
+            "verify",
+            "--chunk-rows",
+            "100",
+            "--rounds",
+            "2",
+            "--interval",
+            "100ms",
+        ],
+        &[],
+    );
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("public.t → public.t: DIFFERENT in 1 of 10 key range(s)"), "{out}");
+    assert!(
+        out.contains("public.t → public.t: DIFFERENT in 1 of 10 key range(s)"),
+        "{out}"
+    );
     assert!(out.contains("(id) >= (501) AND (id) < (601): source 100 rows, target 100 rows (same count, different content)"), "{out}");
 
-    cl.dst.batch_execute("DELETE FROM t WHERE id = 1000").await.expect("delete");
-    let (code, out) = cli(&cl.config, &["verify", "--chunk-rows", "100", "--rounds", "1"], &[]);
+    cl.dst
+        .batch_execute("DELETE FROM t WHERE id = 1000")
+        .await
+        .expect("delete");
+    let (code, out) = cli(
+        &cl.config,
+        &["verify", "--chunk-rows", "100", "--rounds", "1"],
+        &[],
+    );
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("(id) >= (901): source 100 rows, target 99 rows"), "{out}");
+    assert!(
+        out.contains("(id) >= (901): source 100 rows, target 99 rows"),
+        "{out}"
+    );
     cl.cleanup().await;
 }

@@ -94,10 +94,7 @@ impl<'a> Reader<'a> {
         let mut v: u64 = 0;
         let mut shift = 0;
         loop {
-            let b = *self
-                .buf
-                .get(self.pos)
-                .ok_or("datum ends inside a number")?;
+            let b = *self.buf.get(self.pos).ok_or("datum ends inside a number")?;
             self.pos += 1;
             if shift >= 64 {
                 return Err("number longer than 64 bits".into());
@@ -131,9 +128,9 @@ impl<'a> Reader<'a> {
         Ok(match kind {
             Kind::Null => Datum::Null,
             Kind::Bool => Datum::Bool(self.take(1)?[0] != 0),
-            Kind::Int => Datum::Int(
-                i32::try_from(self.long()?).map_err(|_| "int out of range".to_string())?,
-            ),
+            Kind::Int => {
+                Datum::Int(i32::try_from(self.long()?).map_err(|_| "int out of range".to_string())?)
+            }
             Kind::Long => Datum::Long(self.long()?),
             Kind::Float => {
                 let b: [u8; 4] = self.take(4)?.try_into().map_err(|_| "float")?;
@@ -253,7 +250,10 @@ fn kind_of(schema: &Json, ns: &str, names: &mut Names) -> Result<Kind, String> {
             let ty = o.get("type").ok_or("a schema object without \"type\"")?;
             match ty.as_str() {
                 Some("record") | Some("error") => {
-                    let name = o.get("name").and_then(Json::as_str).ok_or("unnamed record")?;
+                    let name = o
+                        .get("name")
+                        .and_then(Json::as_str)
+                        .ok_or("unnamed record")?;
                     let inner_ns = o.get("namespace").and_then(Json::as_str).unwrap_or(ns);
                     let full = if name.contains('.') || inner_ns.is_empty() {
                         name.to_string()
@@ -354,7 +354,10 @@ fn columns_of(record: &Json) -> Result<Vec<(String, Column)>, String> {
         .ok_or("record without fields")?;
     let mut out = Vec::with_capacity(fields.len());
     for f in fields {
-        let field = f.get("name").and_then(Json::as_str).ok_or("field without name")?;
+        let field = f
+            .get("name")
+            .and_then(Json::as_str)
+            .ok_or("field without name")?;
         let ty = f.get("type").ok_or("field without type")?;
         let inner = match ty.as_array() {
             Some(b) if b.len() == 2 && b[0] == "null" => &b[1],
@@ -416,9 +419,12 @@ fn plan(text: &str) -> Result<Plan, String> {
             .iter()
             .position(|f| f.get("name").and_then(Json::as_str) == Some(name))
     };
-    let (Some(before), Some(after), Some(source), Some(op)) =
-        (index("before"), index("after"), index("source"), index("op"))
-    else {
+    let (Some(before), Some(after), Some(source), Some(op)) = (
+        index("before"),
+        index("after"),
+        index("source"),
+        index("op"),
+    ) else {
         let cols = columns_of(&json)?;
         return Ok(Plan::Key {
             fields: cols.into_iter().map(|(f, _)| f).collect(),
@@ -605,10 +611,7 @@ impl EventReader {
             });
         };
         let data = |why: String| DecodeError::Data { id: value_id, why };
-        let mut reader = Reader {
-            buf: datum,
-            pos: 0,
-        };
+        let mut reader = Reader { buf: datum, pos: 0 };
         let Datum::Record(mut parts) = reader.read(&env.kind).map_err(data)? else {
             return Err(data("envelope is not a record".into()));
         };
@@ -720,7 +723,12 @@ mod tests {
                     "integer[]",
                     false,
                 ),
-                col("at", ColumnType::TimestampTz, "timestamp with time zone", false),
+                col(
+                    "at",
+                    ColumnType::TimestampTz,
+                    "timestamp with time zone",
+                    false,
+                ),
             ],
         })
     }

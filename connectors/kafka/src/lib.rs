@@ -154,7 +154,12 @@ impl Registry {
         .await
         {
             Ok(s) => Ok(s.schema),
-            Err(e) if e.error.contains("404") || e.cause.as_deref().is_some_and(|c| c.contains("404") || c.contains("40403")) => {
+            Err(e)
+                if e.error.contains("404")
+                    || e.cause
+                        .as_deref()
+                        .is_some_and(|c| c.contains("404") || c.contains("40403")) =>
+            {
                 Err(decode::DecodeError::UnknownSchema {
                     id,
                     detail: registry_detail(&e),

@@ -496,10 +496,7 @@ impl PostgresTarget {
             )
             .await
             .map_err(|e| db_error(&t.to_string(), e))?;
-        if rows
-            .iter()
-            .any(|r| r.get::<_, Vec<String>>(0) == names)
-        {
+        if rows.iter().any(|r| r.get::<_, Vec<String>>(0) == names) {
             return Ok(());
         }
         Err(TargetError::Unusable {
@@ -562,11 +559,7 @@ impl PostgresTarget {
             return Ok(());
         }
         self.client
-            .batch_execute(&format!(
-                "TRUNCATE {}.{}",
-                ident(&t.schema),
-                ident(&t.name)
-            ))
+            .batch_execute(&format!("TRUNCATE {}.{}", ident(&t.schema), ident(&t.name)))
             .await
             .map_err(|e| db_error(&t.to_string(), e))
     }
@@ -594,7 +587,8 @@ impl PostgresTarget {
             let group = &groups[&table.id];
             let shape = self.shape(table).await?;
             let target = self.target_of(&table.id).to_string();
-            self.write_table(&shape, table, group, &target, stats).await?;
+            self.write_table(&shape, table, group, &target, stats)
+                .await?;
         }
         Ok(())
     }
@@ -765,7 +759,12 @@ impl PostgresTarget {
 }
 
 /// Records a key's fate, remembering the order keys were first seen in.
-fn set<'a>(order: &mut Vec<String>, fates: &mut HashMap<String, Fate<'a>>, k: String, fate: Fate<'a>) {
+fn set<'a>(
+    order: &mut Vec<String>,
+    fates: &mut HashMap<String, Fate<'a>>,
+    k: String,
+    fate: Fate<'a>,
+) {
     if !fates.contains_key(&k) {
         order.push(k.clone());
     }
@@ -846,10 +845,7 @@ async fn load_positions(
 
 /// Deletes this sink's positions (all, or one topic's), so the next run applies from wherever
 /// the consumer starts. Returns how many were deleted.
-pub async fn reset_positions(
-    endpoint: &PgEndpoint,
-    sink: &str,
-) -> Result<u64, TargetError> {
+pub async fn reset_positions(endpoint: &PgEndpoint, sink: &str) -> Result<u64, TargetError> {
     let client = connect_session(endpoint, &format!("bitclone9-sink-{sink}"))
         .await
         .map_err(|e| TargetError::Unreachable(e.to_string()))?;

@@ -272,7 +272,10 @@ mod tests {
             "2024-02-29 12:30:45.000001+00"
         );
         assert_eq!(
-            text(Value::Long(-62_135_596_800_000_000 - 1), ColumnType::Timestamp),
+            text(
+                Value::Long(-62_135_596_800_000_000 - 1),
+                ColumnType::Timestamp
+            ),
             "0001-12-31 23:59:59.999999 BC"
         );
         assert_eq!(
@@ -306,8 +309,14 @@ mod tests {
 
     #[test]
     fn text_bytes_arrays_and_floats_are_escaped() {
-        assert_eq!(text(Value::Text("a\tb\\c\n".into()), ColumnType::Text), "a\\tb\\\\c\\n");
-        assert_eq!(text(Value::Bytes(vec![0xde, 0xad]), ColumnType::Bytes), "\\\\xdead");
+        assert_eq!(
+            text(Value::Text("a\tb\\c\n".into()), ColumnType::Text),
+            "a\\tb\\\\c\\n"
+        );
+        assert_eq!(
+            text(Value::Bytes(vec![0xde, 0xad]), ColumnType::Bytes),
+            "\\\\xdead"
+        );
         assert_eq!(
             text(
                 Value::Array(vec![
