@@ -891,28 +891,20 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
                     .context("creating the Kafka admin client")?;
             let opts = rdkafka::admin::AdminOptions::new()
                 .operation_timeout(Some(cfg.kafka.request_timeout));
-            // A stopped daemon's static group membership lingers until its session times out.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-            let group = loop {
-                let r = admin
-                    .delete_groups(&[sc.group.as_str()], &opts)
-                    .await
-                    .with_context(|| format!("cannot reach Kafka to delete group {}", sc.group))?;
-                match r.into_iter().next() {
-                    Some(Ok(_)) => break "deleted",
+            // The sink resumes from the target's positions; the group's offsets only mirror
+            // them for lag tools. Deleting the group fails while a stopped daemon's static
+            // membership lingers; the next run overwrites its offsets anyway.
+            let group = match admin.delete_groups(&[sc.group.as_str()], &opts).await {
+                Ok(r) => match r.into_iter().next() {
+                    Some(Ok(_)) => "deleted".to_string(),
                     Some(Err((_, rdkafka::types::RDKafkaErrorCode::GroupIdNotFound))) | None => {
-                        break "did not exist"
-                    }
-                    Some(Err((_, rdkafka::types::RDKafkaErrorCode::NonEmptyGroup)))
-                        if std::time::Instant::now() < deadline =>
-                    {
-                        eprintln!("consumer group {} still lists the stopped daemon; waiting for its session to expire", sc.group);
-                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        "did not exist".to_string()
                     }
                     Some(Err((_, e))) => {
-                        anyhow::bail!("cannot delete consumer group {}: {e} (is a daemon still consuming with it?)", sc.group)
+                        format!("kept ({e}); its offsets are overwritten by the next run")
                     }
-                }
+                },
+                Err(e) => format!("not reached ({e}); its offsets are overwritten by the next run"),
             };
             tracing::info!(connector = %sink, positions = deleted, checkpoints = cleared, group = %sc.group, "admin action: sink offsets reset");
             println!(

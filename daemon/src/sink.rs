@@ -16,18 +16,18 @@
 use crate::checkpoint::CheckpointStore;
 use crate::status::{ConnectorState, Status};
 use bitclone9_core::{Change, Op};
-use bitclone9_kafka::decode::{DecodeError, Decoded, EventReader};
+use bitclone9_kafka::decode::{DecodeError, Decoded, EventReader, TombstoneHeaders};
 use bitclone9_kafka::{KafkaSettings, Registry};
 use bitclone9_postgres_sink::{
     Applied, PartitionPosition, PostgresTarget, PostgresTargetConfig, TargetError, Watermark,
 };
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -136,30 +136,109 @@ pub fn consumer_config(cfg: &SinkPipelineConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("topic.metadata.refresh.interval.ms", "5000")
         .set("socket.connection.setup.timeout.ms", "10000")
-        .set("fetch.wait.max.ms", "50")
-        // Static membership: a restarted daemon takes its partitions back at once instead of
-        // waiting for the group to notice that its previous process is gone.
-        .set(
-            "group.instance.id",
-            format!("bitclone9-{}-{}", cfg.name, hostname()),
-        )
-        .set("session.timeout.ms", "10000");
+        .set("fetch.wait.max.ms", "50");
     for (k, v) in &cfg.consumer {
         c.set(k, v);
     }
-    // The target's positions decide what is applied; offsets are committed only after it.
+    // The target's positions decide what is applied and where reading starts; offsets are
+    // committed to the group after the target, for lag tools.
     c.set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     c
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
+/// Where each partition resumes: after the offset the target last applied from it.
+type Starts = Arc<Mutex<HashMap<(String, i32), Applied>>>;
+
+/// Finds the topics a sink reads and assigns all their partitions to it, each starting after
+/// the target's position (or at its beginning). The sink assigns partitions itself rather than
+/// through consumer-group rebalancing, so a restarted daemon resumes at once and a topic that
+/// appears later (a new table) is picked up within seconds.
+struct Assigner {
+    names: Vec<String>,
+    patterns: Vec<regex::Regex>,
+    exclude: String,
+    assigned: std::collections::HashSet<(String, i32)>,
+    last_scan: Option<Instant>,
+}
+
+impl Assigner {
+    fn new(cfg: &SinkPipelineConfig) -> Result<Self, SinkPipelineError> {
+        let mut names = Vec::new();
+        let mut patterns = Vec::new();
+        for s in &cfg.subscription {
+            if s.starts_with('^') {
+                patterns.push(regex::Regex::new(s).map_err(|e| {
+                    SinkPipelineError::Kafka(format!(
+                        "topic pattern {s:?} is not a valid regular expression: {e}"
+                    ))
+                })?);
+            } else {
+                names.push(s.clone());
+            }
+        }
+        Ok(Self {
+            names,
+            patterns,
+            exclude: cfg.dead_letter_topic.clone(),
+            assigned: Default::default(),
+            last_scan: None,
+        })
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        topic != self.exclude
+            && !topic.starts_with("__")
+            && (self.names.iter().any(|n| n == topic)
+                || self.patterns.iter().any(|p| p.is_match(topic)))
+    }
+
+    /// Assigns partitions not assigned yet (at most every 5 s).
+    fn scan<C: ConsumerContext>(
+        &mut self,
+        name: &str,
+        consumer: &StreamConsumer<C>,
+        starts: &Starts,
+        timeout: Duration,
+    ) -> Result<(), SinkPipelineError> {
+        if self
+            .last_scan
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return Ok(());
+        }
+        self.last_scan = Some(Instant::now());
+        let metadata = tokio::task::block_in_place(|| consumer.fetch_metadata(None, timeout))
+            .map_err(|e| SinkPipelineError::Kafka(format!("listing topics: {e}")))?;
+        let mut tpl = TopicPartitionList::new();
+        let starts = starts.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted: Vec<_> = metadata
+            .topics()
+            .iter()
+            .filter(|t| self.wants(t.name()))
+            .collect();
+        for t in wanted {
+            for p in t.partitions() {
+                let key = (t.name().to_string(), p.id());
+                if self.assigned.contains(&key) {
+                    continue;
+                }
+                let start = starts
+                    .get(&key)
+                    .map_or(Offset::Beginning, |a| Offset::Offset(a.offset + 1));
+                tracing::info!(connector = %name, topic = t.name(), partition = p.id(), offset = ?start, "reading partition, from after the target's position");
+                let _ = tpl.add_partition_offset(t.name(), p.id(), start);
+                self.assigned.insert(key);
+            }
+        }
+        if tpl.count() > 0 {
+            consumer
+                .incremental_assign(&tpl)
+                .map_err(|e| SinkPipelineError::Kafka(format!("assigning partitions: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// One consumed record and what it decoded to.
@@ -171,7 +250,15 @@ struct Item {
 impl Item {
     fn change(&self) -> Option<&Change> {
         match &self.decoded {
-            Ok(Decoded::Change(c)) => Some(c),
+            Ok(Decoded::Change(c) | Decoded::Tombstone(Some(c))) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn watermark(&self) -> Option<Watermark> {
+        match &self.decoded {
+            Ok(Decoded::Change(c)) => Some(Watermark::of(c)),
+            Ok(Decoded::Tombstone(Some(c))) => Some(Watermark::of_tombstone(c)),
             _ => None,
         }
     }
@@ -207,7 +294,7 @@ impl Metrics {
             ],
             duplicates: metrics::counter!("bitclone9_sink_duplicates_skipped_total", "connector" => name.to_string()),
             apply_seconds: metrics::histogram!("bitclone9_sink_apply_seconds", "connector" => name.to_string()),
-            batch_events: metrics::histogram!("bitclone9_sink_batch_events", "connector" => name.to_string()),
+            batch_events: metrics::histogram!("bitclone9_sink_batch_records", "connector" => name.to_string()),
             commit_lag: metrics::histogram!("bitclone9_sink_source_to_target_seconds", "connector" => name.to_string()),
             checkpointed_at: metrics::gauge!("bitclone9_checkpoint_timestamp_seconds", "connector" => name.to_string()),
             missing_rows: metrics::counter!("bitclone9_sink_missing_rows_total", "connector" => name.to_string()),
@@ -236,13 +323,19 @@ async fn run_once(
     let registry = Registry::new(&cfg.kafka.registry_url, cfg.kafka.request_timeout)
         .map_err(|e| SinkPipelineError::Kafka(e.to_string()))?;
     let mut reader = EventReader::new(registry);
+    let starts: Starts = Arc::new(Mutex::new(
+        target
+            .positions()
+            .await?
+            .into_iter()
+            .map(|p| ((p.topic, p.partition), p.applied))
+            .collect(),
+    ));
     let consumer: StreamConsumer = consumer_config(cfg)
         .create()
         .map_err(|e| SinkPipelineError::Kafka(format!("consumer: {e}")))?;
-    let topics: Vec<&str> = cfg.subscription.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|e| SinkPipelineError::Kafka(format!("subscribing to {topics:?}: {e}")))?;
+    let mut assigner = Assigner::new(cfg)?;
+    assigner.scan(name, &consumer, &starts, cfg.kafka.request_timeout)?;
     let producer: FutureProducer = bitclone9_kafka::producer_config(&cfg.kafka)
         .create()
         .map_err(|e| SinkPipelineError::Kafka(format!("dead-letter producer: {e}")))?;
@@ -250,9 +343,11 @@ async fn run_once(
     tracing::info!(connector = %name, topics = ?cfg.subscription, group = %cfg.group, "sink started");
     status.set_state(name, ConnectorState::Streaming);
     let m = Metrics::new(name);
+    let mut barrier = TruncateBarrier::default();
     let dead_letters = |reason: &str| metrics::counter!("bitclone9_sink_dead_letters_total", "connector" => name.to_string(), "reason" => reason.to_string());
 
     loop {
+        assigner.scan(name, &consumer, &starts, cfg.kafka.request_timeout)?;
         // Wait for a first record (touching the status while idle), then fill the batch.
         let first = tokio::select! {
             biased;
@@ -261,6 +356,8 @@ async fn run_once(
         };
         let first = match first {
             Err(_) => {
+                // Nothing to apply: the checkpoint is current.
+                m.checkpointed_at.set(now_secs());
                 status.touch(name);
                 continue;
             }
@@ -284,11 +381,27 @@ async fn run_once(
         }
         let mut items = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            let decoded = match reader.decode(msg.key(), msg.payload()).await {
+            let headers = if msg.payload().is_none() {
+                tombstone_headers(&msg)
+            } else {
+                TombstoneHeaders::default()
+            };
+            let decoded = match reader
+                .decode(msg.topic(), msg.key(), msg.payload(), &headers)
+                .await
+            {
                 Err(e) if !e.is_poison() => return Err(e.into()),
                 d => d,
             };
             items.push(Item { msg, decoded });
+        }
+        let items = {
+            let applied = starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            barrier.route(items, &applied, &consumer, cfg.kafka.request_timeout)
+        };
+        if items.is_empty() {
+            status.touch(name);
+            continue;
         }
         let started = Instant::now();
         let outcome = apply_batch(cfg, &mut target, &producer, &items, &m).await?;
@@ -314,6 +427,12 @@ async fn run_once(
             .map(|p| (p.topic.clone(), p.partition, p.applied.offset))
             .collect();
         store.save_sink_offsets(name, &offsets)?;
+        {
+            let mut starts = starts.lock().unwrap_or_else(|p| p.into_inner());
+            for p in &outcome.positions {
+                starts.insert((p.topic.clone(), p.partition), p.applied);
+            }
+        }
         m.checkpointed_at.set(now_secs());
         let mut tpl = TopicPartitionList::new();
         for (topic, partition, offset) in &offsets {
@@ -324,6 +443,143 @@ async fn run_once(
         }
         status.touch(name);
     }
+}
+
+/// Holds each partition at a truncate until every partition of the topic has reached the same
+/// truncate, so rows of one partition applied after the truncate are never removed by the
+/// truncate of another. The held partitions are paused, which bounds what is held in memory.
+#[derive(Default)]
+struct TruncateBarrier {
+    /// Partitions stopped at a truncate (the first item), with what arrived after it.
+    held: BTreeMap<(String, i32), std::collections::VecDeque<Item>>,
+    partitions: HashMap<String, usize>,
+}
+
+impl TruncateBarrier {
+    fn partition_count<C: ConsumerContext>(
+        &mut self,
+        consumer: &StreamConsumer<C>,
+        topic: &str,
+        timeout: Duration,
+    ) -> usize {
+        if let Some(n) = self.partitions.get(topic) {
+            return *n;
+        }
+        let n = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), timeout))
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
+            .unwrap_or(1);
+        self.partitions.insert(topic.to_string(), n);
+        n
+    }
+
+    /// Returns the items that may be applied now, in order; holds the rest.
+    fn route<C: ConsumerContext>(
+        &mut self,
+        items: Vec<Item>,
+        applied: &HashMap<(String, i32), Applied>,
+        consumer: &StreamConsumer<C>,
+        timeout: Duration,
+    ) -> Vec<Item> {
+        let mut ready = Vec::with_capacity(items.len());
+        let mut queue: std::collections::VecDeque<Item> = items.into();
+        while let Some(item) = queue.pop_front() {
+            let key = (item.msg.topic().to_string(), item.msg.partition());
+            if let Some(q) = self.held.get_mut(&key) {
+                q.push_back(item);
+                continue;
+            }
+            let truncate = item
+                .change()
+                .filter(|c| c.op == Op::Truncate)
+                .map(Watermark::of);
+            let done = applied.get(&key).copied();
+            let covered = |w: Watermark| {
+                done.is_some_and(|a| item.msg.offset() <= a.offset || w <= a.watermark)
+            };
+            match truncate {
+                Some(w) if !covered(w) && self.partition_count(consumer, &key.0, timeout) > 1 => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&key.0, key.1);
+                    let _ = consumer.pause(&tpl);
+                    self.held
+                        .insert(key, std::collections::VecDeque::from([item]));
+                }
+                _ => ready.push(item),
+            }
+        }
+        // Release every topic whose partitions all stand at the same truncate (or are past it).
+        let topics: Vec<String> = self.held.keys().map(|(t, _)| t.clone()).collect();
+        for topic in topics {
+            let n = self.partition_count(consumer, &topic, timeout);
+            let fronts: Vec<(i32, Watermark)> = self
+                .held
+                .iter()
+                .filter(|((t, _), _)| *t == topic)
+                .filter_map(|((_, p), q)| {
+                    q.front()
+                        .and_then(Item::change)
+                        .map(|c| (*p, Watermark::of(c)))
+                })
+                .collect();
+            let Some(w) = fronts.iter().map(|(_, w)| *w).min() else {
+                continue;
+            };
+            let complete = (0..n as i32).all(|p| {
+                let at = fronts.iter().any(|(q, fw)| *q == p && *fw == w);
+                let past = applied
+                    .get(&(topic.clone(), p))
+                    .is_some_and(|a| a.watermark >= w);
+                at || past
+            });
+            if !complete {
+                continue;
+            }
+            let mut released: Vec<Item> = Vec::new();
+            let mut rest: Vec<Item> = Vec::new();
+            let mut tpl = TopicPartitionList::new();
+            for (p, fw) in fronts {
+                if fw != w {
+                    continue;
+                }
+                if let Some(mut q) = self.held.remove(&(topic.clone(), p)) {
+                    if let Some(t) = q.pop_front() {
+                        released.push(t);
+                    }
+                    rest.extend(q);
+                    tpl.add_partition(&topic, p);
+                }
+            }
+            let _ = consumer.resume(&tpl);
+            tracing::debug!(topic = %topic, partitions = released.len(), "every partition reached the truncate: applying it");
+            ready.extend(released);
+            // What followed may hold another truncate: route it again.
+            ready.extend(self.route(rest, applied, consumer, timeout));
+        }
+        ready
+    }
+}
+
+/// The headers that let a tombstone be applied: its table and source position.
+fn tombstone_headers(msg: &OwnedMessage) -> TombstoneHeaders {
+    let mut h = TombstoneHeaders::default();
+    let Some(headers) = msg.headers() else {
+        return h;
+    };
+    for header in headers.iter() {
+        let Some(v) = header.value.and_then(|v| std::str::from_utf8(v).ok()) else {
+            continue;
+        };
+        match header.key {
+            "bitclone9.schema" => h.schema = Some(v.to_string()),
+            "bitclone9.table" => h.table = Some(v.to_string()),
+            "bitclone9.lsn" => h.lsn = v.parse().ok(),
+            "bitclone9.seq" => h.seq = v.parse().ok(),
+            "bitclone9.txid" => h.txid = v.parse().ok(),
+            _ => {}
+        }
+    }
+    h
 }
 
 /// A subscribed topic (or every topic of a pattern) does not exist yet: the source creates
@@ -409,9 +665,8 @@ async fn apply_once(
             }
             let mut next = pos.unwrap_or_default();
             next.offset = offset;
-            match &item.decoded {
-                Ok(Decoded::Change(c)) => {
-                    let w = Watermark::of(c);
+            match (&item.decoded, item.watermark()) {
+                (Ok(_), Some(w)) => {
                     if pos.is_some_and(|p| w <= p.watermark) {
                         duplicates += 1;
                     } else {
@@ -419,8 +674,8 @@ async fn apply_once(
                         keep.push(item);
                     }
                 }
-                Ok(Decoded::Tombstone) => {}
-                Err(e) => letters.push(DeadLetter {
+                (Ok(_), None) => {}
+                (Err(e), _) => letters.push(DeadLetter {
                     item,
                     kind: e.kind().to_string(),
                     error: e.to_string(),

@@ -484,6 +484,7 @@ fn metrics_docs_dashboard_and_alerts_agree_with_the_code() {
     for f in [
         "daemon/src/pipeline.rs",
         "daemon/src/status.rs",
+        "daemon/src/sink.rs",
         "connectors/kafka/src/lib.rs",
         "connectors/postgres-source/src/lib.rs",
     ] {

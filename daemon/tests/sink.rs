@@ -26,13 +26,24 @@ impl Clone {
     /// `ddl` runs in the source; `target_ddl` in the target (types the events need, or tables
     /// with extra constraints). `sink_extra` goes into the sink's section.
     async fn new(prefix: &str, ddl: &str, target_ddl: &str, sink_extra: &str) -> Self {
+        Self::with_partitions(prefix, ddl, target_ddl, sink_extra, 1).await
+    }
+
+    async fn with_partitions(
+        prefix: &str,
+        ddl: &str,
+        target_ddl: &str,
+        sink_extra: &str,
+        partitions: i32,
+    ) -> Self {
         let (db, src) = db_with(prefix, ddl).await;
         let target_db = format!("{db}_t");
         let dst = fresh_db(&target_db).await;
         if !target_ddl.is_empty() {
             dst.batch_execute(target_ddl).await.expect("target ddl");
         }
-        let spec = SourceSpec::new(&db);
+        let mut spec = SourceSpec::new(&db);
+        spec.extra = format!("[sources.{db}.topics]\npartitions = {partitions}\n");
         let (config, _) = write_config(&spec, "");
         let s = stack();
         let mut text = std::fs::read_to_string(&config).expect("config");
@@ -331,7 +342,16 @@ async fn clone_all_types_under_load_then_verify_and_replay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_sigkill_during_load_loses_and_doubles_nothing() {
-    let cl = Clone::new("skcrash", ALL_TYPES, TARGET_TYPES, "max_batch_events = 300").await;
+    // Three partitions per topic: truncates (user ones, and those opening each snapshot) must
+    // wait for every partition.
+    let cl = Clone::with_partitions(
+        "skcrash",
+        ALL_TYPES,
+        TARGET_TYPES,
+        "max_batch_events = 300",
+        3,
+    )
+    .await;
     // Enough rows that early kills can land in the snapshot.
     cl.src
         .batch_execute(&items_insert(1, 15000))

@@ -144,12 +144,13 @@ async fn every_operation_and_type_arrives_exactly() {
         .await
         .expect("truncate");
 
-    // r, c, u, u(key change), tombstone(old key), d, tombstone, t
-    let records = consume(&spec.topic("all_types"), 8, SECS(3), SECS(60)).await;
+    // t (snapshot start), r, c, u, u(key change), tombstone(old key), d, tombstone, t
+    let records = consume(&spec.topic("all_types"), 9, SECS(3), SECS(60)).await;
     let ops: Vec<Option<String>> = records.iter().map(|r| r.op()).collect();
     assert_eq!(
         ops,
         [
+            Some("t"),
             Some("r"),
             Some("c"),
             Some("u"),
@@ -164,9 +165,15 @@ async fn every_operation_and_type_arrives_exactly() {
         .collect::<Vec<_>>(),
         "operations in order (None is the tombstone)"
     );
-    let [read, ins, upd, rekey, old_key_tomb, del, tomb, trunc] = &records[..] else {
-        panic!("eight records expected, got {}", records.len())
+    let [snap_start, read, ins, upd, rekey, old_key_tomb, del, tomb, trunc] = &records[..] else {
+        panic!("nine records expected, got {}", records.len())
     };
+
+    // The snapshot opens with a truncate at its consistent point: consumers replace the table.
+    assert!(snap_start.key.is_none());
+    assert!(snap_start.row("before").is_none() && snap_start.row("after").is_none());
+    assert_eq!(snap_start.source("snapshot"), Avro::String("true".into()));
+    assert_eq!(snap_start.position(), (read.position().0, 0));
 
     // Snapshot read: the full row, marked as the last snapshot row, no transaction id.
     assert_eq!(read.key_long("id"), Some(1));

@@ -401,7 +401,10 @@ struct EnvelopePlan {
 /// A parsed writer schema.
 #[derive(Debug)]
 enum Plan {
-    Key { fields: Vec<String> },
+    Key {
+        kind: Kind,
+        columns: Vec<(String, Column)>,
+    },
     Envelope(EnvelopePlan),
 }
 
@@ -425,9 +428,9 @@ fn plan(text: &str) -> Result<Plan, String> {
         index("source"),
         index("op"),
     ) else {
-        let cols = columns_of(&json)?;
         return Ok(Plan::Key {
-            fields: cols.into_iter().map(|(f, _)| f).collect(),
+            kind,
+            columns: columns_of(&json)?,
         });
     };
     let value = names
@@ -478,8 +481,20 @@ fn plan(text: &str) -> Result<Plan, String> {
 #[derive(Debug)]
 pub enum Decoded {
     Change(Change),
-    /// A record without a value: it only marks a key as gone for log compaction.
-    Tombstone,
+    /// A record without a value: the row under its key is gone (after a delete, or under the
+    /// old key of an update that changed the key). A delete of that key when its table is
+    /// known (from the record's `bitclone9.schema` / `bitclone9.table` headers).
+    Tombstone(Option<Change>),
+}
+
+/// What a tombstone's headers tell: its table and source position.
+#[derive(Debug, Default, Clone)]
+pub struct TombstoneHeaders {
+    pub schema: Option<String>,
+    pub table: Option<String>,
+    pub lsn: Option<Lsn>,
+    pub seq: Option<u64>,
+    pub txid: Option<u32>,
 }
 
 /// Decodes records, fetching and caching their writer schemas.
@@ -487,6 +502,8 @@ pub struct EventReader {
     registry: Registry,
     plans: HashMap<u32, Arc<Plan>>,
     tables: HashMap<(Option<u32>, u32, TableId), Arc<TableSchema>>,
+    /// The newest table shape seen per topic, for tombstones.
+    latest: HashMap<String, Arc<TableSchema>>,
 }
 
 /// Splits a Confluent frame into schema id and datum.
@@ -564,6 +581,7 @@ impl EventReader {
             registry,
             plans: HashMap::new(),
             tables: HashMap::new(),
+            latest: HashMap::new(),
         }
     }
 
@@ -577,14 +595,16 @@ impl EventReader {
         Ok(p)
     }
 
-    /// Decodes one record's key and value bytes.
+    /// Decodes one record of `topic`: its key and value bytes, and for a tombstone its headers.
     pub async fn decode(
         &mut self,
+        topic: &str,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
+        headers: &TombstoneHeaders,
     ) -> Result<Decoded, DecodeError> {
         let Some(value) = value else {
-            return Ok(Decoded::Tombstone);
+            return self.tombstone(topic, key, headers).await;
         };
         let (value_id, datum) = frame(value)?;
         let key_plan = match key {
@@ -592,7 +612,10 @@ impl EventReader {
                 let (key_id, _) = frame(k)?;
                 let p = self.plan(key_id).await?;
                 match &*p {
-                    Plan::Key { fields, .. } => Some((key_id, fields.clone())),
+                    Plan::Key { columns, .. } => Some((
+                        key_id,
+                        columns.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>(),
+                    )),
                     Plan::Envelope(_) => {
                         return Err(DecodeError::Unsupported {
                             id: key_id,
@@ -665,6 +688,13 @@ impl EventReader {
                 t
             }
         };
+        if !self
+            .latest
+            .get(topic)
+            .is_some_and(|l| Arc::ptr_eq(l, &table))
+        {
+            self.latest.insert(topic.to_string(), table.clone());
+        }
         let before = row(take(&mut parts, env.before), &table).map_err(data)?;
         let mut after = row(take(&mut parts, env.after), &table).map_err(data)?;
         if let (Some(i), Some(after)) = (env.unchanged, after.as_mut()) {
@@ -685,6 +715,91 @@ impl EventReader {
             seq,
             snapshot,
         }))
+    }
+}
+
+impl EventReader {
+    /// A tombstone as a delete of its key, in the shape of the newest envelope seen in `topic`
+    /// (else the topic's latest registered value schema).
+    async fn tombstone(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        h: &TombstoneHeaders,
+    ) -> Result<Decoded, DecodeError> {
+        let (Some(key), Some(schema), Some(name), Some(lsn), Some(seq)) =
+            (key, &h.schema, &h.table, h.lsn, h.seq)
+        else {
+            return Ok(Decoded::Tombstone(None));
+        };
+        let (key_id, datum) = frame(key)?;
+        let key_plan = self.plan(key_id).await?;
+        let Plan::Key { kind, columns } = &*key_plan else {
+            return Err(DecodeError::Unsupported {
+                id: key_id,
+                why: "the key is framed with an envelope schema".into(),
+            });
+        };
+        let data = |why: String| DecodeError::Data { id: key_id, why };
+        let mut reader = Reader { buf: datum, pos: 0 };
+        let Datum::Record(values) = reader.read(kind).map_err(data)? else {
+            return Err(data("key is not a record".into()));
+        };
+        let id = TableId::new(schema.clone(), name.clone());
+        let table = match self.latest.get(topic).filter(|t| t.id == id) {
+            Some(t) => t.clone(),
+            None => {
+                let (value_id, text) = self.registry.latest_value_schema(topic).await?;
+                let p = Arc::new(
+                    plan(&text).map_err(|why| DecodeError::Unsupported { id: value_id, why })?,
+                );
+                self.plans.insert(value_id, p.clone());
+                let Plan::Envelope(env) = &*p else {
+                    return Err(DecodeError::Unsupported {
+                        id: value_id,
+                        why: "the topic's value schema is not an envelope".into(),
+                    });
+                };
+                let key_fields: Vec<&String> = columns.iter().map(|(f, _)| f).collect();
+                let t = Arc::new(TableSchema {
+                    id: id.clone(),
+                    relation_id: 0,
+                    columns: env
+                        .columns
+                        .iter()
+                        .map(|(f, c)| Column {
+                            is_key: key_fields.contains(&f),
+                            ..c.clone()
+                        })
+                        .collect(),
+                });
+                self.latest.insert(topic.to_string(), t.clone());
+                t
+            }
+        };
+        let mut before: Row = vec![Value::Null; table.columns.len()];
+        for ((_, kc), v) in columns.iter().zip(values) {
+            let Some(i) = table.columns.iter().position(|c| c.name == kc.name) else {
+                return Err(data(format!(
+                    "key column {} is not a column of {}",
+                    kc.name, table.id
+                )));
+            };
+            before[i] = value(v, &kc.ty).map_err(data)?;
+        }
+        Ok(Decoded::Tombstone(Some(Change {
+            table,
+            op: Op::Delete,
+            before: Some(before),
+            after: None,
+            tx: TxInfo {
+                xid: h.txid,
+                commit_lsn: lsn,
+                commit_time_us: 0,
+            },
+            seq,
+            snapshot: SnapshotMark::No,
+        })))
     }
 }
 
@@ -774,12 +889,13 @@ mod tests {
                 .expect("registry"),
             plans,
             tables: HashMap::new(),
+            latest: HashMap::new(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
         let got = rt
-            .block_on(reader.decode(Some(&kbuf), Some(&vbuf)))
+            .block_on(reader.decode(topic, Some(&kbuf), Some(&vbuf), &Default::default()))
             .expect("decodes");
         let Decoded::Change(got) = got else {
             panic!("expected a change")
@@ -796,16 +912,37 @@ mod tests {
         assert_eq!(got.table.columns[1].ty, t.columns[1].ty);
         assert!(got.table.columns[0].is_key && !got.table.columns[1].is_key);
         assert!(matches!(
-            rt.block_on(reader.decode(Some(&kbuf), None)),
-            Ok(Decoded::Tombstone)
+            rt.block_on(reader.decode(topic, Some(&kbuf), None, &Default::default())),
+            Ok(Decoded::Tombstone(None))
         ));
+        let h = TombstoneHeaders {
+            schema: Some("public".into()),
+            table: Some("items".into()),
+            lsn: Some(Lsn(77)),
+            seq: Some(3),
+            txid: Some(9),
+        };
+        let Ok(Decoded::Tombstone(Some(del))) =
+            rt.block_on(reader.decode(topic, Some(&kbuf), None, &h))
+        else {
+            panic!("a tombstone with headers is a delete")
+        };
+        assert_eq!(del.op, Op::Delete);
+        assert!(
+            Arc::ptr_eq(&del.table, &got.table),
+            "the newest shape of the topic"
+        );
+        let before = del.before.expect("key row");
+        assert_eq!(before[0], Value::Long(5));
+        assert!(before[1..].iter().all(|v| *v == Value::Null));
+        assert_eq!((del.tx.commit_lsn, del.seq), (Lsn(77), 3));
         let truncated = &vbuf[..vbuf.len() - 3];
         assert!(matches!(
-            rt.block_on(reader.decode(Some(&kbuf), Some(truncated))),
+            rt.block_on(reader.decode(topic, Some(&kbuf), Some(truncated), &Default::default())),
             Err(DecodeError::Data { .. })
         ));
         assert!(matches!(
-            rt.block_on(reader.decode(None, Some(b"garbage"))),
+            rt.block_on(reader.decode(topic, None, Some(b"garbage"), &Default::default())),
             Err(DecodeError::Frame(_))
         ));
     }

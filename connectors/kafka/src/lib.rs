@@ -145,6 +145,39 @@ impl Registry {
             })
     }
 
+    /// The id and text of the newest value schema registered for `topic`.
+    pub async fn latest_value_schema(
+        &self,
+        topic: &str,
+    ) -> Result<(u32, String), decode::DecodeError> {
+        use schema_registry_converter::schema_registry_common::SubjectNameStrategy;
+        let subject = SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
+        match schema_registry_converter::async_impl::schema_registry::get_schema_by_subject(
+            &self.settings,
+            &subject,
+        )
+        .await
+        {
+            Ok(s) => Ok((s.id, s.schema)),
+            Err(e)
+                if e.error.contains("404")
+                    || e.cause.as_deref().is_some_and(|c| c.contains("404")) =>
+            {
+                Err(decode::DecodeError::Unsupported {
+                    id: 0,
+                    why: format!(
+                        "no value schema is registered for topic {topic}: {}",
+                        registry_detail(&e)
+                    ),
+                })
+            }
+            Err(e) => Err(decode::DecodeError::RegistryUnreachable {
+                url: self.url.clone(),
+                detail: registry_detail(&e),
+            }),
+        }
+    }
+
     /// The schema text registered under `id`.
     pub async fn schema_by_id(&self, id: u32) -> Result<String, decode::DecodeError> {
         match schema_registry_converter::async_impl::schema_registry::get_schema_by_id(
@@ -466,7 +499,19 @@ impl EventWriter {
             _ => None,
         };
         // Headers are copied into librdkafka: clone them only when a second record needs them.
-        let tombstone_headers = tombstone.map(|_| headers.clone());
+        // A tombstone also names its table, so a consumer can apply it without a value.
+        let tombstone_headers = tombstone.map(|_| {
+            headers
+                .clone()
+                .insert(Header {
+                    key: "bitclone9.schema",
+                    value: Some(&table.id.schema),
+                })
+                .insert(Header {
+                    key: "bitclone9.table",
+                    value: Some(&table.id.name),
+                })
+        });
         let mut rec = FutureRecord::<[u8], [u8]>::to(&topic)
             .payload(&self.value_buf)
             .headers(headers);

@@ -12,7 +12,7 @@
 
 pub mod text;
 
-use bitclone9_core::{Change, Column, Op, TableId, TableSchema, Value};
+use bitclone9_core::{Change, Column, Op, SnapshotMark, TableId, TableSchema, Value};
 use bitclone9_postgres_source::{connect_session, PgEndpoint};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -103,22 +103,58 @@ pub struct Applied {
     pub watermark: Watermark,
 }
 
-/// A change's place in its source: (commit LSN, streamed after snapshot, seq). Within a
-/// partition, changes arrive in increasing order, except those a source sends again after a
-/// restart: anything not above the stored watermark is already applied.
+/// A record's place in its source: (commit LSN, streamed after snapshot, seq, part). Within a
+/// partition, records arrive in increasing order, except those a source sends again after a
+/// restart: anything not above the stored watermark is already applied. Records sharing a
+/// change's (lsn, seq) are told apart by `part`: [`Part::SnapshotStart`] (the truncate opening
+/// a table's snapshot, before its first row), [`Part::Event`], [`Part::Tombstone`] (after the
+/// event it closes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
 pub struct Watermark {
     pub lsn: u64,
     pub streamed: bool,
     pub seq: u64,
+    pub part: Part,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub enum Part {
+    SnapshotStart = 0,
+    #[default]
+    Event = 1,
+    Tombstone = 2,
+}
+
+impl Part {
+    fn from_i16(v: i16) -> Self {
+        match v {
+            0 => Part::SnapshotStart,
+            2 => Part::Tombstone,
+            _ => Part::Event,
+        }
+    }
 }
 
 impl Watermark {
+    /// The watermark of an event (a tombstone's is [`Watermark::of_tombstone`]).
     pub fn of(change: &Change) -> Self {
+        let snapshot_start = change.op == Op::Truncate && change.snapshot != SnapshotMark::No;
         Self {
             lsn: change.tx.commit_lsn.0,
-            streamed: change.op != Op::Read,
+            streamed: change.op != Op::Read && !snapshot_start,
             seq: change.seq,
+            part: if snapshot_start {
+                Part::SnapshotStart
+            } else {
+                Part::Event
+            },
+        }
+    }
+
+    pub fn of_tombstone(change: &Change) -> Self {
+        Self {
+            part: Part::Tombstone,
+            ..Self::of(change)
         }
     }
 }
@@ -178,6 +214,7 @@ CREATE TABLE IF NOT EXISTS bitclone9.sink_positions (
     lsn numeric(20) NOT NULL,
     streamed boolean NOT NULL,
     seq bigint NOT NULL,
+    part smallint NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (sink, topic, kafka_partition)
 )";
@@ -265,16 +302,21 @@ impl PostgresTarget {
             .iter()
             .map(|p| p.applied.watermark.seq as i64)
             .collect();
+        let record_parts: Vec<i16> = positions
+            .iter()
+            .map(|p| p.applied.watermark.part as i16)
+            .collect();
         self.client
             .execute(
                 "INSERT INTO bitclone9.sink_positions AS p
-                   (sink, topic, kafka_partition, kafka_offset, lsn, streamed, seq)
-                 SELECT $1, t, k, o, l::numeric, s, q
-                   FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[], $6::bool[], $7::bigint[])
-                     AS u(t, k, o, l, s, q)
+                   (sink, topic, kafka_partition, kafka_offset, lsn, streamed, seq, part)
+                 SELECT $1, t, k, o, l::numeric, s, q, r
+                   FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[], $6::bool[], $7::bigint[], $8::smallint[])
+                     AS u(t, k, o, l, s, q, r)
                  ON CONFLICT (sink, topic, kafka_partition) DO UPDATE
                    SET kafka_offset = EXCLUDED.kafka_offset, lsn = EXCLUDED.lsn,
-                       streamed = EXCLUDED.streamed, seq = EXCLUDED.seq, applied_at = now()",
+                       streamed = EXCLUDED.streamed, seq = EXCLUDED.seq, part = EXCLUDED.part,
+                       applied_at = now()",
                 &[
                     &self.cfg.name,
                     &topics,
@@ -283,6 +325,7 @@ impl PostgresTarget {
                     &lsns,
                     &streamed,
                     &seqs,
+                    &record_parts,
                 ],
             )
             .await
@@ -523,8 +566,17 @@ impl PostgresTarget {
                 seen.clear();
                 start = i;
                 if c.op == Op::Truncate {
-                    self.truncate(&c.table).await?;
-                    stats.truncates += 1;
+                    // A truncate arrives once per partition; back to back, once is enough.
+                    let repeat = i > 0 && {
+                        let p = changes[i - 1];
+                        p.op == Op::Truncate
+                            && p.table.id == c.table.id
+                            && Watermark::of(p) == Watermark::of(c)
+                    };
+                    if !repeat {
+                        self.truncate(&c.table).await?;
+                        stats.truncates += 1;
+                    }
                     start = i + 1;
                     continue;
                 }
@@ -632,13 +684,9 @@ impl PostgresTarget {
                         .after
                         .as_ref()
                         .ok_or_else(|| bad(format!("{} event without a new row", c.op.code())))?;
+                    // An update that changed the key leaves the old key to the tombstone that
+                    // follows it in the old key's partition, in order with that key's changes.
                     let key = row_key(after)?;
-                    if let Some(before) = &c.before {
-                        let old = row_key(before)?;
-                        if old != key {
-                            set(&mut order, &mut fates, old, Fate::Delete(c));
-                        }
-                    }
                     let mut values: Vec<Option<&Value>> = after
                         .iter()
                         .map(|v| (!matches!(v, Value::UnchangedToast)).then_some(v))
@@ -683,7 +731,6 @@ impl PostgresTarget {
                         }
                         buf.push('\t');
                     }
-                    // A key change deletes the old key: take it from `before`.
                     buf.push_str("d\t\\N\n");
                 }
                 Fate::Upsert(values) => {
@@ -800,7 +847,7 @@ async fn load_positions(
         None => {
             client
                 .query(
-                    "SELECT topic, kafka_partition, kafka_offset, lsn::text, streamed, seq
+                    "SELECT topic, kafka_partition, kafka_offset, lsn::text, streamed, seq, part
                        FROM bitclone9.sink_positions WHERE sink = $1 ORDER BY topic, kafka_partition",
                     &[&sink],
                 )
@@ -811,7 +858,7 @@ async fn load_positions(
             let nums: Vec<i32> = parts.iter().map(|(_, p)| *p).collect();
             client
                 .query(
-                    "SELECT topic, kafka_partition, kafka_offset, lsn::text, streamed, seq
+                    "SELECT topic, kafka_partition, kafka_offset, lsn::text, streamed, seq, part
                        FROM bitclone9.sink_positions
                       WHERE sink = $1 AND (topic, kafka_partition) IN
                             (SELECT * FROM unnest($2::text[], $3::int[]))
@@ -836,6 +883,7 @@ async fn load_positions(
                         })?,
                         streamed: r.get(4),
                         seq: r.get::<_, i64>(5) as u64,
+                        part: Part::from_i16(r.get(6)),
                     },
                 },
             })

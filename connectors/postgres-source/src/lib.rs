@@ -939,6 +939,21 @@ impl PostgresSource {
                     .map_err(|e| SourceError::from_postgres("starting the snapshot COPY", e))?;
                 tracing::info!(source = %self.cfg.name, table = %table.id, "snapshot of table started");
                 state.seq = 0;
+                // The snapshot replaces the table's content: consumers drop what they hold,
+                // including rows of an earlier, interrupted snapshot that no longer exist.
+                out.push(SourceEvent::Change(Change {
+                    table: table.clone(),
+                    op: Op::Truncate,
+                    before: None,
+                    after: None,
+                    tx: TxInfo {
+                        xid: None,
+                        commit_lsn: state.consistent_point,
+                        commit_time_us: state.started_us,
+                    },
+                    seq: 0,
+                    snapshot: SnapshotMark::Yes,
+                }));
                 state.current = Some((table, Box::pin(stream)));
             }
             let Some((table, stream)) = &mut state.current else {
