@@ -84,12 +84,17 @@ if [ "$(id -u)" = 0 ]; then chown postgres server.key server.pem; fi"#,
         .expect("insert");
     let records = consume(
         &spec.topic("t"),
-        1,
+        2,
         Duration::from_secs(2),
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(records.len(), 1, "a change streamed over TLS arrives");
+    let ops: Vec<Option<String>> = records.iter().map(|r| r.op()).collect();
+    assert_eq!(
+        ops,
+        [Some("t".to_string()), Some("c".to_string())],
+        "the snapshot's opening truncate, then a change streamed over TLS"
+    );
     assert_eq!(daemon.terminate(), Some(0));
 
     // The same server checked against another CA: refused, saying what to look at.
