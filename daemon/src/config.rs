@@ -592,6 +592,21 @@ impl Config {
                     "sslcert and sslkey go together: give both or neither".into(),
                 ));
             }
+            for (key, path) in [
+                ("sslrootcert", &k.sslrootcert),
+                ("sslcert", &k.sslcert),
+                ("sslkey", &k.sslkey),
+            ] {
+                if let Some(p) = path.as_ref().filter(|p| !p.is_file()) {
+                    return Err((
+                        at(key),
+                        format!(
+                            "expected a readable PEM file, but {} does not exist",
+                            p.display()
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -832,6 +847,36 @@ database = "shop"
         assert_eq!(path, "sources.demo.heartbeat_interval");
 
         assert!(matches!(parse("[kafka\n"), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
+    fn sink_sections_are_checked() {
+        let sink = |body: &str| {
+            format!("{GOOD}\n[sinks.copy]\ntype = \"postgres\"\nhost = \"h\"\nuser = \"u\"\ndatabase = \"d\"\n{body}")
+        };
+        let c = parse(&sink("source = \"demo\"")).expect("valid sink");
+        assert_eq!(c.sink_subscription("copy"), vec!["^demo\\..*".to_string()]);
+        assert_eq!(c.sinks["copy"].group("copy"), "bitclone9-sink-copy");
+        assert_eq!(
+            c.sinks["copy"].dead_letter("copy"),
+            "bitclone9.dead-letter.copy"
+        );
+        let (path, msg) = invalid(&sink(""));
+        assert_eq!(path, "sinks.copy.source");
+        assert!(msg.contains("exactly one of"), "{msg}");
+        let (path, msg) = invalid(&sink("source = \"nope\""));
+        assert_eq!(path, "sinks.copy.source");
+        assert!(msg.contains("demo"), "{msg}");
+        let (path, _) = invalid(&sink("topic_pattern = \"demo.*\""));
+        assert_eq!(path, "sinks.copy.topic_pattern");
+        let (path, _) = invalid(&sink("topics = [\"a\"]\non_error = \"ignore\""));
+        assert_eq!(path, "sinks.copy.on_error");
+        let (path, _) = invalid(&sink("topics = [\"a\"]\nmax_batch_events = 0"));
+        assert_eq!(path, "sinks.copy.max_batch_events");
+        let (path, msg) =
+            invalid(&sink("topics = [\"a\"]").replace("[sinks.copy]", "[sinks.demo]"));
+        assert_eq!(path, "sinks.demo");
+        assert!(msg.contains("unique"), "{msg}");
     }
 
     #[test]
