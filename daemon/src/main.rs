@@ -503,6 +503,20 @@ async fn status_command(cfg: Config) -> anyhow::Result<ExitCode> {
         );
         if let Some(connectors) = v["connectors"].as_object() {
             for (name, c) in connectors {
+                if let Some(sink) = c.get("sink") {
+                    println!(
+                        "{name}: {} (sink, lag {} records in {} partition(s), restarts {}){}",
+                        c["state"].as_str().unwrap_or("?"),
+                        sink["lag_records"],
+                        sink["partitions"].as_array().map_or(0, Vec::len),
+                        c["restarts"],
+                        c["last_error"]
+                            .as_str()
+                            .map(|e| format!(", last error: {e}"))
+                            .unwrap_or_default()
+                    );
+                    continue;
+                }
                 println!(
                     "{name}: {} (slot {}, confirmed {}, restarts {}){}",
                     c["state"].as_str().unwrap_or("?"),
@@ -522,7 +536,19 @@ async fn status_command(cfg: Config) -> anyhow::Result<ExitCode> {
         "daemon not running (nothing answers on {}); from the checkpoint store:",
         cfg.admin.listen
     );
-    let store = CheckpointStore::open(&cfg.daemon.state_dir)?;
+    let store = CheckpointStore::open(&cfg.daemon.state_dir)
+        .or_else(|_| CheckpointStore::open_read_only(&cfg.daemon.state_dir))?;
+    for name in cfg.sinks.keys() {
+        let offsets = store.load_sink_offsets(name)?;
+        println!(
+            "{name}: sink, {} partition(s) checkpointed{}",
+            offsets.len(),
+            offsets
+                .iter()
+                .map(|(t, p, o)| format!("; {t}[{p}] applied {o}"))
+                .collect::<String>()
+        );
+    }
     for name in cfg.sources.keys() {
         let r = store.load_source(name)?;
         println!(
@@ -600,7 +626,11 @@ async fn slot_command(cfg: Config, action: SlotAction) -> anyhow::Result<ExitCod
 }
 
 async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
-    println!("configuration: ok ({} source(s))", cfg.sources.len());
+    println!(
+        "configuration: ok ({} source(s), {} sink(s))",
+        cfg.sources.len(),
+        cfg.sinks.len()
+    );
     for w in &cfg.warnings {
         println!("warning: {w}");
     }
@@ -648,6 +678,19 @@ async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
                     "source {name} (postgres {}:{}/{}): FAILED: {e}",
                     s.host, s.port, s.database
                 )
+            }
+        }
+    }
+    for (name, k) in &cfg.sinks {
+        let at = format!(
+            "sink {name} (postgres {}:{}/{})",
+            k.host, k.port, k.database
+        );
+        match bitclone9_postgres_sink::read_positions(&bitclone9::sink_endpoint(k), name).await {
+            Ok(p) => println!("{at}: ok, {} partition position(s) stored", p.len()),
+            Err(e) => {
+                failed = true;
+                println!("{at}: FAILED: {e}");
             }
         }
     }

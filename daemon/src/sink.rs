@@ -343,6 +343,10 @@ async fn run_once(
     tracing::info!(connector = %name, topics = ?cfg.subscription, group = %cfg.group, "sink started");
     status.set_state(name, ConnectorState::Streaming);
     let m = Metrics::new(name);
+    let mut progress = Progress {
+        last: None,
+        gauge: metrics::gauge!("bitclone9_sink_lag_records", "connector" => name.to_string()),
+    };
     let mut barrier = TruncateBarrier::default();
     let dead_letters = |reason: &str| metrics::counter!("bitclone9_sink_dead_letters_total", "connector" => name.to_string(), "reason" => reason.to_string());
 
@@ -359,6 +363,14 @@ async fn run_once(
                 // Nothing to apply: the checkpoint is current.
                 m.checkpointed_at.set(now_secs());
                 status.touch(name);
+                progress.refresh(
+                    name,
+                    &consumer,
+                    &assigner,
+                    &starts,
+                    status,
+                    cfg.kafka.request_timeout,
+                );
                 continue;
             }
             Ok(Err(e)) if waiting_for_topics(&e) => {
@@ -442,6 +454,63 @@ async fn run_once(
             tracing::warn!(connector = %name, error = %e, "cannot commit offsets to the consumer group (the target holds the positions; lag tools may show stale lag)");
         }
         status.touch(name);
+        progress.refresh(
+            name,
+            &consumer,
+            &assigner,
+            &starts,
+            status,
+            cfg.kafka.request_timeout,
+        );
+    }
+}
+
+/// Lag per partition, for `/status` and `bitclone9_sink_lag_records`, every 10 s at most.
+struct Progress {
+    last: Option<Instant>,
+    gauge: metrics::Gauge,
+}
+
+impl Progress {
+    fn refresh<C: ConsumerContext>(
+        &mut self,
+        name: &str,
+        consumer: &StreamConsumer<C>,
+        assigner: &Assigner,
+        starts: &Starts,
+        status: &Status,
+        timeout: Duration,
+    ) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let applied = starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut parts: Vec<&(String, i32)> = assigner.assigned.iter().collect();
+        parts.sort();
+        let mut progress = crate::status::SinkProgress::default();
+        for (topic, partition) in parts {
+            let Ok((low, high)) = tokio::task::block_in_place(|| {
+                consumer.fetch_watermarks(topic, *partition, timeout)
+            }) else {
+                continue;
+            };
+            let done = applied.get(&(topic.clone(), *partition)).map(|a| a.offset);
+            let lag = (high - done.map_or(low, |o| o + 1)).max(0);
+            progress.lag_records += lag;
+            progress.partitions.push(crate::status::PartitionProgress {
+                topic: topic.clone(),
+                partition: *partition,
+                applied_offset: done,
+                end_offset: high,
+                lag_records: lag,
+            });
+        }
+        self.gauge.set(progress.lag_records as f64);
+        status.sink_progress(name, progress);
     }
 }
 

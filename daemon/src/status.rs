@@ -29,8 +29,30 @@ pub struct ConnectorStatus {
     pub detail: Option<String>,
     /// Seconds since the pipeline last made a step (read a batch, or waited out a backoff).
     pub idle_s: f64,
+    /// For a sink: each partition's applied offset, end and lag (refreshed every 10 s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink: Option<SinkProgress>,
     #[serde(skip)]
     alive_at: Instant,
+}
+
+/// Where a sink stands in its topics.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SinkProgress {
+    /// Records in the sink's partitions that the target does not hold yet.
+    pub lag_records: i64,
+    pub partitions: Vec<PartitionProgress>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionProgress {
+    pub topic: String,
+    pub partition: i32,
+    /// Last offset applied to the target (none yet: nothing applied).
+    pub applied_offset: Option<i64>,
+    /// The partition's end (next offset to be written).
+    pub end_offset: i64,
+    pub lag_records: i64,
 }
 
 /// Every connector's status.
@@ -56,6 +78,7 @@ impl Status {
                 last_error: None,
                 detail: None,
                 idle_s: 0.0,
+                sink: None,
                 alive_at: Instant::now(),
             });
         c.alive_at = Instant::now();
@@ -105,6 +128,10 @@ impl Status {
     /// The pipeline made a step.
     pub fn touch(&self, name: &str) {
         self.update(name, |_| {});
+    }
+
+    pub fn sink_progress(&self, name: &str, progress: SinkProgress) {
+        self.update(name, |c| c.sink = Some(progress));
     }
 
     pub fn confirmed(&self, name: &str, lsn: String) {

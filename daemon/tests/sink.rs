@@ -336,6 +336,20 @@ async fn clone_all_types_under_load_then_verify_and_replay() {
     let (code, out) = cli(&cl.config, &["offsets", "show"], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("lag 0"), "{out}");
+    // The running daemon's /status shows the sink's partitions and lag.
+    let addr = admin_addr(&mut daemon).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(&addr, "/status", None).await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+        let sink = &v["connectors"][cl.sink()]["sink"];
+        if sink["lag_records"] == 0 && sink["partitions"].as_array().is_some_and(|p| p.len() == 4) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status: {body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }
