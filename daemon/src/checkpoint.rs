@@ -113,6 +113,65 @@ impl CheckpointStore {
         Ok(keys.len())
     }
 
+    /// Writes a consistent copy of the store into `dest`, which must not exist yet: RocksDB's
+    /// checkpoint (hard links where possible) of a store this process holds.
+    pub fn backup(&self, dest: &Path) -> Result<(), CheckpointError> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dest)?;
+        Ok(())
+    }
+
+    /// Copies a store a running daemon holds, as of now, key by key into a new store at `dest`.
+    /// (A checkpoint of a read-only view would miss what is still only in the daemon's log.)
+    pub fn backup_live(dir: &Path, dest: &Path) -> Result<(), CheckpointError> {
+        let view = Self::open_read_only(dir)?;
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.set_error_if_exists(true);
+        let copy = rocksdb::DB::open(&opts, dest).map_err(|e| CheckpointError::Open {
+            dir: dest.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        let mut batch = rocksdb::WriteBatch::default();
+        for kv in view.db.iterator(rocksdb::IteratorMode::Start) {
+            let (k, v) = kv?;
+            batch.put(k, v);
+        }
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        copy.write_opt(batch, &w)?;
+        copy.flush()?;
+        Ok(())
+    }
+
+    /// Replaces the store under `dir` with the backup in `src`, keeping the replaced one beside
+    /// it (`checkpoints.replaced-<unix time>`). Refused while a daemon holds the store.
+    pub fn restore(dir: &Path, src: &Path) -> Result<PathBuf, CheckpointError> {
+        let bad = |detail: String| CheckpointError::Open {
+            dir: src.to_path_buf(),
+            detail,
+        };
+        rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), src, false)
+            .map_err(|e| bad(format!("not a checkpoint store backup: {e}")))?;
+        drop(Self::open(dir)?);
+        let current = dir.join("checkpoints");
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let kept = dir.join(format!("checkpoints.replaced-{stamp}"));
+        let io = |e: std::io::Error| bad(e.to_string());
+        std::fs::rename(&current, &kept).map_err(io)?;
+        std::fs::create_dir_all(&current).map_err(io)?;
+        for entry in std::fs::read_dir(src).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            if entry.file_type().map_err(io)?.is_file() {
+                std::fs::copy(entry.path(), current.join(entry.file_name())).map_err(io)?;
+            }
+        }
+        Self::open(dir)?;
+        Ok(kept)
+    }
+
     fn get_lsn(&self, key: &str) -> Result<Option<Lsn>, CheckpointError> {
         match self.db.get(key)? {
             None => Ok(None),
@@ -206,6 +265,20 @@ mod tests {
         assert_eq!(s.clear_sink("k").expect("clears"), 2);
         assert!(s.load_sink_offsets("k").expect("loads").is_empty());
         assert_eq!(s.load_sink_offsets("k2").expect("loads").len(), 1);
+        // Backup, change, restore: the backup's content comes back.
+        let backup = dir.join("backup");
+        s.backup(&backup).expect("backup");
+        s.save_source_lsn("a", Lsn(500)).expect("saves");
+        drop(s);
+        let kept = CheckpointStore::restore(&dir, &backup).expect("restore");
+        assert!(kept.exists(), "the replaced store is kept");
+        let s = CheckpointStore::open(&dir).expect("reopens");
+        assert_eq!(s.load_source("a").expect("loads").lsn, Some(Lsn(100)));
+        assert!(
+            CheckpointStore::restore(&dir, &backup).is_err(),
+            "refused while open"
+        );
+        assert!(CheckpointStore::restore(&dir, &dir.join("nothing")).is_err());
         assert_eq!(s.load_source("b").expect("loads"), ResumeState::default());
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);

@@ -73,6 +73,33 @@ enum Command {
         #[command(subcommand)]
         action: OffsetsAction,
     },
+    /// Copy the checkpoint store (RocksDB) consistently, or put a copy back.
+    Checkpoint {
+        #[command(subcommand)]
+        action: CheckpointAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointAction {
+    /// Write a consistent copy of the checkpoint store into DIR (which must not exist).
+    Backup {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Replace the checkpoint store with a backup; the replaced one is kept beside it.
+    /// Refused while the daemon runs.
+    Restore {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        from: PathBuf,
+        /// Confirm: sources resume from the backup's positions.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -129,6 +156,10 @@ fn main() -> ExitCode {
         | Command::Verify { config, .. }
         | Command::Offsets {
             action: OffsetsAction::Show { config } | OffsetsAction::Reset { config, .. },
+        }
+        | Command::Checkpoint {
+            action:
+                CheckpointAction::Backup { config, .. } | CheckpointAction::Restore { config, .. },
         } => (config, None),
     };
     let cfg = match Config::load(config_path) {
@@ -173,6 +204,7 @@ fn main() -> ExitCode {
             },
         )),
         Command::Offsets { action } => runtime.block_on(offsets_command(cfg, action)),
+        Command::Checkpoint { action } => checkpoint_command(cfg, action),
     };
     match result {
         Ok(code) => code,
@@ -953,6 +985,47 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
             println!(
                 "{sink}: {deleted} target position(s) and {cleared} checkpoint(s) forgotten; consumer group {} {group}; the next run applies from the beginning",
                 sc.group
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn checkpoint_command(cfg: Config, action: CheckpointAction) -> anyhow::Result<ExitCode> {
+    let dir = &cfg.daemon.state_dir;
+    match action {
+        CheckpointAction::Backup { to, .. } => {
+            if to.exists() {
+                eprintln!("bitclone9: {} exists: give a new directory", to.display());
+                return Ok(ExitCode::from(2));
+            }
+            match CheckpointStore::open(dir) {
+                Ok(store) => store.backup(&to),
+                // The daemon holds the store: copy what it has written so far.
+                Err(_) => CheckpointStore::backup_live(dir, &to),
+            }
+            .with_context(|| format!("backing up {}", dir.display()))?;
+            tracing::info!(to = %to.display(), "admin action: checkpoint store backed up");
+            println!(
+                "checkpoint store {} backed up to {}",
+                dir.display(),
+                to.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CheckpointAction::Restore { from, yes, .. } => {
+            if !yes {
+                eprintln!("bitclone9: restoring replaces every connector's checkpoint with the backup's. Add --yes to do it.");
+                return Ok(ExitCode::from(2));
+            }
+            let kept = CheckpointStore::restore(dir, &from)
+                .context("stop bitclone9 before restoring its checkpoint store")?;
+            tracing::info!(from = %from.display(), kept = %kept.display(), "admin action: checkpoint store restored");
+            println!(
+                "checkpoint store {} restored from {}; the replaced one is kept in {}",
+                dir.display(),
+                from.display(),
+                kept.display()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -428,7 +428,29 @@ async fn status_and_slot_commands_with_the_daemon_up_and_down() {
     let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db, "--yes"], &[]);
     assert_eq!(code, Some(1), "refused while the daemon runs: {out}");
     assert!(out.contains("stop bitclone9"), "{out}");
+    // A consistent copy of the checkpoint store while the daemon runs; restoring waits for a stop.
+    let backup = cfg.with_file_name("checkpoint-backup");
+    let backup_arg = backup.display().to_string();
+    let (code, out) = cli(&cfg, &["checkpoint", "backup", "--to", &backup_arg], &[]);
+    assert_eq!(code, Some(0), "backup while running: {out}");
+    let (code, out) = cli(
+        &cfg,
+        &["checkpoint", "restore", "--from", &backup_arg, "--yes"],
+        &[],
+    );
+    assert_eq!(
+        code,
+        Some(1),
+        "restore refused while the daemon runs: {out}"
+    );
+    assert!(out.contains("stop bitclone9"), "{out}");
     assert_eq!(daemon.terminate(), Some(0));
+    let (code, out) = cli(
+        &cfg,
+        &["checkpoint", "restore", "--from", &backup_arg, "--yes"],
+        &[],
+    );
+    assert_eq!(code, Some(0), "restore once stopped: {out}");
 
     let (code, out) = cli(&cfg, &["status"], &[]);
     assert_eq!(code, Some(0), "{out}");
