@@ -409,7 +409,7 @@ async fn run_once(
         }
         let items = {
             let applied = starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            barrier.route(items, &applied, &consumer, cfg.kafka.request_timeout)
+            barrier.route(items, &applied, &consumer, &assigner.assigned)
         };
         if items.is_empty() {
             status.touch(name);
@@ -521,35 +521,19 @@ impl Progress {
 struct TruncateBarrier {
     /// Partitions stopped at a truncate (the first item), with what arrived after it.
     held: BTreeMap<(String, i32), std::collections::VecDeque<Item>>,
-    partitions: HashMap<String, usize>,
 }
 
 impl TruncateBarrier {
-    fn partition_count<C: ConsumerContext>(
-        &mut self,
-        consumer: &StreamConsumer<C>,
-        topic: &str,
-        timeout: Duration,
-    ) -> usize {
-        if let Some(n) = self.partitions.get(topic) {
-            return *n;
-        }
-        let n = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), timeout))
-            .ok()
-            .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
-            .unwrap_or(1);
-        self.partitions.insert(topic.to_string(), n);
-        n
-    }
-
     /// Returns the items that may be applied now, in order; holds the rest.
+    /// `assigned` holds every partition the sink reads: all partitions of its topics.
     fn route<C: ConsumerContext>(
         &mut self,
         items: Vec<Item>,
         applied: &HashMap<(String, i32), Applied>,
         consumer: &StreamConsumer<C>,
-        timeout: Duration,
+        assigned: &std::collections::HashSet<(String, i32)>,
     ) -> Vec<Item> {
+        let partitions = |topic: &str| assigned.iter().filter(|(t, _)| t == topic).count();
         let mut ready = Vec::with_capacity(items.len());
         let mut queue: std::collections::VecDeque<Item> = items.into();
         while let Some(item) = queue.pop_front() {
@@ -567,7 +551,7 @@ impl TruncateBarrier {
                 done.is_some_and(|a| item.msg.offset() <= a.offset || w <= a.watermark)
             };
             match truncate {
-                Some(w) if !covered(w) && self.partition_count(consumer, &key.0, timeout) > 1 => {
+                Some(w) if !covered(w) && partitions(&key.0) > 1 => {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&key.0, key.1);
                     let _ = consumer.pause(&tpl);
@@ -580,7 +564,7 @@ impl TruncateBarrier {
         // Release every topic whose partitions all stand at the same truncate (or are past it).
         let topics: Vec<String> = self.held.keys().map(|(t, _)| t.clone()).collect();
         for topic in topics {
-            let n = self.partition_count(consumer, &topic, timeout);
+            let n = partitions(&topic);
             let fronts: Vec<(i32, Watermark)> = self
                 .held
                 .iter()
@@ -594,12 +578,14 @@ impl TruncateBarrier {
             let Some(w) = fronts.iter().map(|(_, w)| *w).min() else {
                 continue;
             };
+            // A partition held at a later truncate is past this one (it never got it: e.g. a
+            // snapshot cut short before its truncate reached every partition).
             let complete = (0..n as i32).all(|p| {
-                let at = fronts.iter().any(|(q, fw)| *q == p && *fw == w);
+                let at_or_later = fronts.iter().any(|(q, fw)| *q == p && *fw >= w);
                 let past = applied
                     .get(&(topic.clone(), p))
                     .is_some_and(|a| a.watermark >= w);
-                at || past
+                at_or_later || past
             });
             if !complete {
                 continue;
@@ -623,7 +609,7 @@ impl TruncateBarrier {
             tracing::debug!(topic = %topic, partitions = released.len(), "every partition reached the truncate: applying it");
             ready.extend(released);
             // What followed may hold another truncate: route it again.
-            ready.extend(self.route(rest, applied, consumer, timeout));
+            ready.extend(self.route(rest, applied, consumer, assigned));
         }
         ready
     }

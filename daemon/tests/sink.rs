@@ -456,8 +456,10 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
     let sink = cl.sink();
     let dlq = format!("bitclone9.dead-letter.{sink}");
     let topic = cl.spec.topic("acct");
+    // The first batch both prepares the table and holds a refused row: the refusal must not
+    // cost the rows beside it.
     cl.src
-        .batch_execute("INSERT INTO acct SELECT g, g FROM generate_series(1, 5) g")
+        .batch_execute("INSERT INTO acct SELECT g, g FROM generate_series(1, 5) g; INSERT INTO acct VALUES (99, 9999)")
         .await
         .expect("rows");
     let mut daemon = Daemon::start(&cl.config, "poison");
@@ -502,10 +504,10 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
         .batch_execute("INSERT INTO acct VALUES (6, 6); INSERT INTO acct VALUES (7, 5000); INSERT INTO acct VALUES (8, 8); UPDATE acct SET qty = 50 WHERE id = 1")
         .await
         .expect("more rows");
-    let letters = read_raw(&dlq, 3, Duration::from_secs(90)).await;
+    let letters = read_raw(&dlq, 4, Duration::from_secs(90)).await;
     assert_eq!(
         letters.len(),
-        3,
+        4,
         "dead letters: {letters:?}\nlog:\n{}",
         daemon.log_text()
     );
@@ -515,7 +517,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
         .collect();
     assert_eq!(
         kinds,
-        vec!["frame", "unknown_schema", "23514"],
+        vec!["23514", "frame", "unknown_schema", "23514"],
         "{letters:?}"
     );
     for (h, payload) in &letters {
@@ -526,17 +528,17 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
         assert!(!h["bitclone9.error"].is_empty());
         assert!(payload.is_some(), "the original bytes are kept");
     }
-    assert_eq!(letters[0].1.as_deref(), Some(&b"not avro at all"[..]));
+    assert_eq!(letters[1].1.as_deref(), Some(&b"not avro at all"[..]));
     // The refused row's letter names its source transaction.
     assert!(
-        letters[2].0.contains_key("bitclone9.lsn"),
+        letters[3].0.contains_key("bitclone9.lsn"),
         "{:?}",
-        letters[2].0
+        letters[3].0
     );
     assert!(
-        letters[2].0["bitclone9.error"].contains("acct"),
+        letters[3].0["bitclone9.error"].contains("acct"),
         "{:?}",
-        letters[2].0
+        letters[3].0
     );
     // Everything else is applied, in order.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -563,7 +565,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_applied() {
         .filter(|(k, _)| k.starts_with("bitclone9_sink_dead_letters_total") && k.contains(&sink))
         .map(|(_, v)| v)
         .sum();
-    assert_eq!(dead, 3.0, "{metrics}");
+    assert_eq!(dead, 4.0, "{metrics}");
     assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }
@@ -629,5 +631,48 @@ async fn verify_names_the_key_range_of_a_row_changed_behind_the_sinks_back() {
         out.contains("(id) >= (901): source 100 rows, target 99 rows"),
         "{out}"
     );
+    cl.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_that_keeps_a_toasted_value_is_a_dead_letter_not_a_lost_value() {
+    let cl = Clone::new(
+        "skrekey",
+        "CREATE TABLE docs (id int PRIMARY KEY, title text, body text)",
+        "",
+        "",
+    )
+    .await;
+    let dlq = format!("bitclone9.dead-letter.{}", cl.sink());
+    // An incompressible value well above the TOAST threshold.
+    cl.src
+        .batch_execute("INSERT INTO docs SELECT 1, 'a', string_agg(md5(g::text), '') FROM generate_series(1, 400) g")
+        .await
+        .expect("row");
+    let mut daemon = Daemon::start(&cl.config, "rekey");
+    wait_equal(&cl, &[("docs", "id")], Duration::from_secs(90)).await;
+    // Under the default replica identity PostgreSQL does not send the unchanged body.
+    cl.src
+        .batch_execute("UPDATE docs SET id = 2, title = 'b' WHERE id = 1")
+        .await
+        .expect("key change");
+    let letters = read_raw(&dlq, 1, Duration::from_secs(60)).await;
+    assert_eq!(letters.len(), 1, "log:\n{}", daemon.log_text());
+    assert!(
+        letters[0].0["bitclone9.error"].contains("REPLICA IDENTITY FULL"),
+        "{:?}",
+        letters[0].0
+    );
+    // The row under the new key was not written with an empty body.
+    let bodies: Vec<Option<String>> = cl
+        .dst
+        .query("SELECT body FROM docs WHERE id = 2", &[])
+        .await
+        .expect("query")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(bodies.is_empty(), "{bodies:?}");
+    assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }

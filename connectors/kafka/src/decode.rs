@@ -124,6 +124,23 @@ impl<'a> Reader<'a> {
         usize::try_from(n).map_err(|_| format!("negative length {n}"))
     }
 
+    /// The item count of an array or map block, at most the bytes left (every item of the
+    /// schemas read here takes at least one byte).
+    fn block_len(&mut self) -> Result<usize, String> {
+        let n = self.long()?;
+        let n = if n < 0 {
+            self.long()?; // block size in bytes
+            n.checked_neg().ok_or("bad block count")?
+        } else {
+            n
+        };
+        let n = usize::try_from(n).map_err(|_| "bad block count".to_string())?;
+        if n > self.buf.len() - self.pos {
+            return Err(format!("block of {n} items is longer than the datum"));
+        }
+        Ok(n)
+    }
+
     fn read(&mut self, kind: &Kind) -> Result<Datum, String> {
         Ok(match kind {
             Kind::Null => Datum::Null,
@@ -168,13 +185,9 @@ impl<'a> Reader<'a> {
             Kind::Array(item) => {
                 let mut out = Vec::new();
                 loop {
-                    let mut n = self.long()?;
+                    let n = self.block_len()?;
                     if n == 0 {
                         break;
-                    }
-                    if n < 0 {
-                        n = -n;
-                        self.long()?; // block size in bytes
                     }
                     for _ in 0..n {
                         out.push(self.read(item)?);
@@ -184,13 +197,9 @@ impl<'a> Reader<'a> {
             }
             Kind::Map(value) => {
                 loop {
-                    let mut n = self.long()?;
+                    let n = self.block_len()?;
                     if n == 0 {
                         break;
-                    }
-                    if n < 0 {
-                        n = -n;
-                        self.long()?;
                     }
                     for _ in 0..n {
                         let k = self.len()?;
@@ -638,7 +647,12 @@ impl EventReader {
         let Datum::Record(mut parts) = reader.read(&env.kind).map_err(data)? else {
             return Err(data("envelope is not a record".into()));
         };
-        let take = |parts: &mut Vec<Datum>, i: usize| std::mem::replace(&mut parts[i], Datum::Null);
+        let take = |parts: &mut Vec<Datum>, i: usize| {
+            parts
+                .get_mut(i)
+                .map(|d| std::mem::replace(d, Datum::Null))
+                .unwrap_or(Datum::Null)
+        };
         let Datum::Record(mut src) = take(&mut parts, env.source) else {
             return Err(data("source is not a record".into()));
         };
@@ -650,12 +664,13 @@ impl EventReader {
             Some("last") => SnapshotMark::Last,
             _ => SnapshotMark::No,
         };
+        let field = |i: usize| src.get(i).and_then(long);
         let tx = TxInfo {
-            xid: long(&src[txid_i]).and_then(|x| u32::try_from(x).ok()),
-            commit_lsn: Lsn(long(&src[lsn_i]).unwrap_or(0) as u64),
-            commit_time_us: long(&src[ts_i]).unwrap_or(0).saturating_mul(1000),
+            xid: field(txid_i).and_then(|x| u32::try_from(x).ok()),
+            commit_lsn: Lsn(field(lsn_i).unwrap_or(0) as u64),
+            commit_time_us: field(ts_i).unwrap_or(0).saturating_mul(1000),
         };
-        let seq = long(&src[seq_i]).unwrap_or(0) as u64;
+        let seq = field(seq_i).unwrap_or(0) as u64;
         let op = match text(take(&mut parts, env.op)).as_deref() {
             Some("c") => Op::Insert,
             Some("u") => Op::Update,
@@ -727,10 +742,14 @@ impl EventReader {
         key: Option<&[u8]>,
         h: &TombstoneHeaders,
     ) -> Result<Decoded, DecodeError> {
-        let (Some(key), Some(schema), Some(name), Some(lsn), Some(seq)) =
-            (key, &h.schema, &h.table, h.lsn, h.seq)
-        else {
+        let Some(key) = key.filter(|k| !k.is_empty()) else {
             return Ok(Decoded::Tombstone(None));
+        };
+        let (Some(schema), Some(name), Some(lsn), Some(seq)) = (&h.schema, &h.table, h.lsn, h.seq)
+        else {
+            return Err(DecodeError::Frame(
+                "a tombstone without the bitclone9.schema, bitclone9.table, bitclone9.lsn and bitclone9.seq headers: its table is unknown, so the delete of its key cannot be applied".into(),
+            ));
         };
         let (key_id, datum) = frame(key)?;
         let key_plan = self.plan(key_id).await?;
@@ -913,6 +932,10 @@ mod tests {
         assert!(got.table.columns[0].is_key && !got.table.columns[1].is_key);
         assert!(matches!(
             rt.block_on(reader.decode(topic, Some(&kbuf), None, &Default::default())),
+            Err(DecodeError::Frame(_))
+        ));
+        assert!(matches!(
+            rt.block_on(reader.decode(topic, None, None, &Default::default())),
             Ok(Decoded::Tombstone(None))
         ));
         let h = TombstoneHeaders {

@@ -203,6 +203,9 @@ pub struct PostgresTarget {
     stages: usize,
     /// Staging tables written in the open transaction (cleared before reuse).
     dirty: Vec<String>,
+    /// Shapes prepared in the open transaction: their tables, columns and staging tables vanish
+    /// with a rollback, so they are forgotten with it.
+    prepared: Vec<(TableId, u64)>,
 }
 
 const POSITIONS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS bitclone9;
@@ -235,6 +238,7 @@ impl PostgresTarget {
             columns: HashMap::new(),
             stages: 0,
             dirty: Vec::new(),
+            prepared: Vec::new(),
         })
     }
 
@@ -253,17 +257,28 @@ impl PostgresTarget {
 
     pub async fn begin(&mut self) -> Result<(), TargetError> {
         self.dirty.clear();
+        self.prepared.clear();
         self.simple("BEGIN").await
     }
 
     pub async fn commit(&mut self) -> Result<(), TargetError> {
         self.dirty.clear();
+        self.prepared.clear();
         self.simple("COMMIT").await
     }
 
     pub async fn rollback(&mut self) {
         self.dirty.clear();
+        self.forget_prepared(0);
         let _ = self.simple("ROLLBACK").await;
+    }
+
+    /// Forgets the shapes prepared since the `from`-th of the open transaction.
+    fn forget_prepared(&mut self, from: usize) {
+        for (table, fp) in self.prepared.drain(from..) {
+            self.shapes.remove(&(table.clone(), fp));
+            self.columns.remove(&table);
+        }
     }
 
     async fn simple(&self, sql: &str) -> Result<(), TargetError> {
@@ -352,6 +367,12 @@ impl PostgresTarget {
             return Err(unusable(
                 "its events carry no key (the source table has no primary key or replica identity index), so changes cannot be matched to target rows: give the source table a primary key".into(),
             ));
+        }
+        if let Some(c) = table.columns.iter().find(|c| !plain_type(&c.pg_type)) {
+            return Err(unusable(format!(
+                "column {} has the type {:?}, which is not a plain PostgreSQL type name: refusing to put it into DDL",
+                c.name, c.pg_type
+            )));
         }
         let existing = match self.columns.get(&target) {
             Some(c) => c.clone(),
@@ -475,6 +496,7 @@ impl PostgresTarget {
             .await
             .map_err(|e| db_error(&shown, e))?;
         let sql = Arc::new(sql);
+        self.prepared.push((target.clone(), fp));
         self.shapes.insert((target, fp), sql.clone());
         Ok(sql)
     }
@@ -592,6 +614,7 @@ impl PostgresTarget {
     pub async fn apply_isolated(&mut self, change: &Change) -> Result<ApplyStats, TargetError> {
         self.simple("SAVEPOINT bitclone9_one").await?;
         let dirty = self.dirty.clone();
+        let prepared = self.prepared.len();
         match self.apply(&[change]).await {
             Ok(s) => {
                 self.simple("RELEASE SAVEPOINT bitclone9_one").await?;
@@ -600,6 +623,7 @@ impl PostgresTarget {
             Err(e) => {
                 self.simple("ROLLBACK TO SAVEPOINT bitclone9_one").await?;
                 self.dirty = dirty;
+                self.forget_prepared(prepared);
                 Err(e)
             }
         }
@@ -692,12 +716,36 @@ impl PostgresTarget {
                         .map(|v| (!matches!(v, Value::UnchangedToast)).then_some(v))
                         .collect();
                     if values.iter().any(Option::is_none) {
-                        if let Some(Fate::Upsert(prev)) = fates.get(&key) {
+                        // Unchanged TOAST values come from an earlier state of the row in this
+                        // batch: under its key, or under the old key when the key changed.
+                        let old_key = match &c.before {
+                            Some(b) => Some(row_key(b)?).filter(|k| *k != key),
+                            None => None,
+                        };
+                        let earlier = fates
+                            .get(&key)
+                            .or_else(|| old_key.as_ref().and_then(|k| fates.get(k)));
+                        if let Some(Fate::Upsert(prev)) = earlier {
                             for (v, p) in values.iter_mut().zip(prev) {
                                 if v.is_none() {
                                     *v = *p;
                                 }
                             }
+                        }
+                        if old_key.is_some() && values.iter().any(Option::is_none) {
+                            // The row moves to a new key, and the source did not send the large
+                            // values it kept: writing it would lose them.
+                            return Err(bad(format!(
+                                "an update moved a row to a new key and left large (TOAST) values unchanged, which PostgreSQL does not send under the default replica identity ({}): set REPLICA IDENTITY FULL on the source table",
+                                table
+                                    .columns
+                                    .iter()
+                                    .zip(&values)
+                                    .filter(|(_, v)| v.is_none())
+                                    .map(|(c, _)| c.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )));
                         }
                     }
                     set(&mut order, &mut fates, key, Fate::Upsert(values));
@@ -833,6 +881,33 @@ async fn copy_in(client: &Client, sql: &str, data: String, table: &str) -> Resul
     Ok(())
 }
 
+/// A type name as `format_type` prints it (`numeric(10,2)`, `character varying(20)[]`,
+/// `"My Type"`, `public.mood`): nothing that could end the DDL statement it goes into.
+fn plain_type(t: &str) -> bool {
+    let mut depth = 0i32;
+    let mut quoted = false;
+    for c in t.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            _ if quoted => {
+                if c == ';' {
+                    return false;
+                }
+            }
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            c if c.is_ascii_alphanumeric() || " _,.[]".contains(c) => {}
+            _ => return false,
+        }
+    }
+    !t.is_empty() && depth == 0 && !quoted && !t.contains("--")
+}
+
 /// A SQL string literal.
 fn pg_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -856,6 +931,18 @@ async fn load_positions(
         Some(parts) => {
             let topics: Vec<&str> = parts.iter().map(|(t, _)| t.as_str()).collect();
             let nums: Vec<i32> = parts.iter().map(|(_, p)| *p).collect();
+            // A row to lock for each partition, also the first time: two daemons applying the
+            // same partition then wait for each other.
+            client
+                .execute(
+                    "INSERT INTO bitclone9.sink_positions
+                       (sink, topic, kafka_partition, kafka_offset, lsn, streamed, seq, part)
+                     SELECT $1, t, k, -1, 0, false, 0, 0 FROM unnest($2::text[], $3::int[]) AS u(t, k)
+                     ON CONFLICT (sink, topic, kafka_partition) DO NOTHING",
+                    &[&sink, &topics, &nums],
+                )
+                .await
+                .map_err(|e| db_error("bitclone9.sink_positions", e))?;
             client
                 .query(
                     "SELECT topic, kafka_partition, kafka_offset, lsn::text, streamed, seq, part
@@ -870,6 +957,7 @@ async fn load_positions(
     }
     .map_err(|e| db_error("bitclone9.sink_positions", e))?;
     rows.iter()
+        .filter(|r| r.get::<_, i64>(2) >= 0 || only.is_some())
         .map(|r| {
             let lsn: String = r.get(3);
             Ok(PartitionPosition {
@@ -930,4 +1018,35 @@ pub async fn read_positions(
         return Ok(Vec::new());
     }
     load_positions(&client, sink, None).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_type_names_go_into_ddl() {
+        for ok in [
+            "integer",
+            "numeric(10,2)",
+            "character varying(20)[]",
+            "timestamp with time zone",
+            "public.mood",
+            "\"My Type\"",
+            "numeric(12,3)[]",
+        ] {
+            assert!(plain_type(ok), "{ok}");
+        }
+        for bad in [
+            "int); DROP TABLE x; --",
+            "int) , evil int",
+            "int -- comment",
+            "text'",
+            "\"a;b\"",
+            "",
+            "(int",
+        ] {
+            assert!(!plain_type(bad), "{bad}");
+        }
+    }
 }
