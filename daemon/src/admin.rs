@@ -2,15 +2,19 @@
 //! `/readyz` (every connector snapshotting or streaming, none failing) and `/status` (JSON per
 //! connector).
 //!
+//! `POST /connectors/NAME/pause` and `POST /connectors/NAME/resume` stop a connector (cleanly:
+//! deliveries finished, checkpoint written) and start it again. They always need the token, and
+//! each is logged as an audit line (`bitclone9::audit`).
+//!
 //! With a token configured, every path but `/healthz` needs `Authorization: Bearer <token>`;
 //! the configuration refuses a non-loopback address without one.
 
 use crate::status::Status;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
@@ -23,6 +27,23 @@ struct AdminState {
     metrics: PrometheusHandle,
     token: Option<Arc<str>>,
     started: Instant,
+    commands: tokio::sync::mpsc::Sender<AdminCommand>,
+}
+
+/// What an operator asks of a connector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAction {
+    Pause,
+    Resume,
+}
+
+/// An action for the daemon's main loop, which owns the running connectors.
+#[derive(Debug)]
+pub struct AdminCommand {
+    pub action: AdminAction,
+    pub connector: String,
+    /// The outcome: `Ok(what happened)`, or `Err((HTTP status, why))`.
+    pub reply: tokio::sync::oneshot::Sender<Result<String, (u16, String)>>,
 }
 
 /// Binds `addr` and serves until the process ends; returns the bound address.
@@ -31,17 +52,21 @@ pub async fn serve(
     token: Option<String>,
     status: Arc<Status>,
     metrics: PrometheusHandle,
+    commands: tokio::sync::mpsc::Sender<AdminCommand>,
 ) -> std::io::Result<SocketAddr> {
     let state = AdminState {
         status,
         metrics,
         token: token.map(Arc::from),
         started: Instant::now(),
+        commands,
     };
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/readyz", get(readyz))
         .route("/status", get(status_json))
+        .route("/connectors/{name}/pause", post(pause))
+        .route("/connectors/{name}/resume", post(resume))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
@@ -100,4 +125,61 @@ async fn status_json(State(state): State<AdminState>) -> Response {
         "connectors": state.status.snapshot(),
     }))
     .into_response()
+}
+
+async fn pause(state: State<AdminState>, name: Path<String>) -> Response {
+    act(state, name, AdminAction::Pause).await
+}
+
+async fn resume(state: State<AdminState>, name: Path<String>) -> Response {
+    act(state, name, AdminAction::Resume).await
+}
+
+/// Runs a mutating action through the main loop and writes the audit line.
+async fn act(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    action: AdminAction,
+) -> Response {
+    let verb = match action {
+        AdminAction::Pause => "pause",
+        AdminAction::Resume => "resume",
+    };
+    if state.token.is_none() {
+        tracing::warn!(target: "bitclone9::audit", action = verb, connector = %name, result = "refused: no admin.token configured", "admin action");
+        return (
+            StatusCode::FORBIDDEN,
+            "mutating admin endpoints need admin.token to be set\n",
+        )
+            .into_response();
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let sent = state
+        .commands
+        .send(AdminCommand {
+            action,
+            connector: name.clone(),
+            reply,
+        })
+        .await;
+    let result = match sent {
+        Ok(()) => answer
+            .await
+            .unwrap_or_else(|_| Err((503, "the daemon is stopping".into()))),
+        Err(_) => Err((503, "the daemon is stopping".into())),
+    };
+    match result {
+        Ok(done) => {
+            tracing::info!(target: "bitclone9::audit", action = verb, connector = %name, result = %done, "admin action");
+            Json(serde_json::json!({"connector": name, "result": done})).into_response()
+        }
+        Err((code, why)) => {
+            tracing::warn!(target: "bitclone9::audit", action = verb, connector = %name, result = %why, "admin action");
+            (
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                Json(serde_json::json!({"connector": name, "error": why})),
+            )
+                .into_response()
+        }
+    }
 }

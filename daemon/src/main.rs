@@ -295,10 +295,50 @@ fn start_pipeline(
 
 /// Applies a new configuration: stops removed and changed pipelines (each finishes its
 /// deliveries and checkpoints), starts new and changed ones, and leaves the rest running.
+/// Pauses (stops cleanly) or resumes a connector, for the admin endpoint.
+async fn admin_action(
+    cmd: &bitclone9::admin::AdminCommand,
+    cfg: &Config,
+    running: &mut std::collections::BTreeMap<String, Running>,
+    paused: &mut std::collections::BTreeSet<String>,
+    store: &Arc<CheckpointStore>,
+    status: &Arc<Status>,
+) -> Result<String, (u16, String)> {
+    use bitclone9::admin::AdminAction;
+    let name = &cmd.connector;
+    if started_from(name, cfg).is_none() {
+        return Err((404, format!("no connector named {name:?}")));
+    }
+    match cmd.action {
+        AdminAction::Pause => {
+            if paused.contains(name) {
+                return Ok("already paused".into());
+            }
+            if let Some(r) = running.remove(name) {
+                let _ = r.stop.send(true);
+                let _ = r.task.await;
+            }
+            paused.insert(name.clone());
+            status.set_state(name, bitclone9::status::ConnectorState::Paused);
+            Ok("paused: stopped after finishing its deliveries and checkpoint".into())
+        }
+        AdminAction::Resume => {
+            if !paused.remove(name) {
+                return Ok("not paused".into());
+            }
+            if let Some(r) = start_pipeline(name, cfg, store, status) {
+                running.insert(name.clone(), r);
+            }
+            Ok("resumed".into())
+        }
+    }
+}
+
 async fn reload(
     path: &std::path::Path,
     current: &mut Config,
     running: &mut std::collections::BTreeMap<String, Running>,
+    paused: &std::collections::BTreeSet<String>,
     store: &Arc<CheckpointStore>,
     status: &Arc<Status>,
 ) {
@@ -329,7 +369,7 @@ async fn reload(
         }
     }
     for name in connector_names(&new) {
-        if !running.contains_key(&name) {
+        if !running.contains_key(&name) && !paused.contains(&name) {
             tracing::info!(connector = %name, "reload: starting pipeline");
             if let Some(r) = start_pipeline(&name, &new, store, status) {
                 running.insert(name.clone(), r);
@@ -356,11 +396,13 @@ async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
         }
     });
     let status = Arc::new(Status::default());
+    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(8);
     let admin_addr = bitclone9::admin::serve(
         cfg.admin.listen,
         cfg.admin.token.clone(),
         status.clone(),
         metrics,
+        admin_tx,
     )
     .await
     .with_context(|| {
@@ -386,6 +428,7 @@ async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
     let notifier = tokio::spawn(systemd_notifications(status.clone()));
 
     let mut cfg = cfg;
+    let mut paused = std::collections::BTreeSet::new();
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let stop_signal = wait_for_signal();
@@ -399,8 +442,12 @@ async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
             _ = hangup.recv() => {
                 notify(&[sd_notify::NotifyState::Reloading]);
                 tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                reload(&path, &mut cfg, &mut running, &store, &status).await;
+                reload(&path, &mut cfg, &mut running, &paused, &store, &status).await;
                 notify(&[sd_notify::NotifyState::Ready]);
+            }
+            Some(cmd) = admin_rx.recv() => {
+                let result = admin_action(&cmd, &cfg, &mut running, &mut paused, &store, &status).await;
+                let _ = cmd.reply.send(result);
             }
         }
     }

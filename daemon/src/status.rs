@@ -14,6 +14,8 @@ pub enum ConnectorState {
     Streaming,
     /// Failed; waiting out the backoff before the next attempt.
     Retrying,
+    /// Stopped by an operator (`POST /connectors/NAME/pause`) until resumed.
+    Paused,
     Stopped,
 }
 
@@ -157,7 +159,9 @@ impl Status {
             && map.values().all(|c| {
                 matches!(
                     c.state,
-                    ConnectorState::Snapshotting | ConnectorState::Streaming
+                    ConnectorState::Snapshotting
+                        | ConnectorState::Streaming
+                        | ConnectorState::Paused
                 )
             })
     }

@@ -537,3 +537,86 @@ fn metrics_docs_dashboard_and_alerts_agree_with_the_code() {
         serde_json::from_str(&read("config/grafana-dashboard.json")).expect("dashboard is JSON");
     assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_need_the_token_and_are_audited() {
+    let (db, client) = db_with("admin", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let with_token = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("[admin]", "[admin]\ntoken = \"s3cret-token\"");
+    std::fs::write(&cfg, &with_token).expect("write");
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
+    let addr = admin_addr(&mut daemon).await;
+    let token = Some("s3cret-token");
+    let pause = format!("/connectors/{db}/pause");
+    let (code, _) = http_request(&addr, "POST", &pause, None).await;
+    assert_eq!(code, 401, "pausing needs the token");
+    let (code, body) = http_request(&addr, "POST", "/connectors/nope/pause", token).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = http_request(&addr, "POST", &pause, token).await;
+    assert_eq!(code, 200, "{body}");
+    let (_, status) = http_get(&addr, "/status", token).await;
+    let v: serde_json::Value = serde_json::from_str(&status).expect("json");
+    assert_eq!(v["connectors"][&db]["state"], "paused", "{status}");
+
+    // While paused nothing is read; after resuming the change arrives.
+    client
+        .batch_execute("INSERT INTO t VALUES (7)")
+        .await
+        .expect("insert");
+    let records = consume(
+        &spec.topic("t"),
+        2,
+        Duration::from_secs(3),
+        Duration::from_secs(4),
+    )
+    .await;
+    assert!(
+        records.iter().all(|r| r.op().as_deref() != Some("c")),
+        "paused, yet the insert arrived: {records:?}"
+    );
+    let (code, body) =
+        http_request(&addr, "POST", &format!("/connectors/{db}/resume"), token).await;
+    assert_eq!(code, 200, "{body}");
+    let records = consume(
+        &spec.topic("t"),
+        2,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        records.iter().any(|r| r.op().as_deref() == Some("c")),
+        "resumed, the insert arrives: {records:?}"
+    );
+    let log = daemon.log_text();
+    let audits: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("bitclone9::audit") && l.contains("admin action"))
+        .collect();
+    assert!(
+        audits
+            .iter()
+            .any(|l| l.contains("action=\"pause\"") && l.contains("result=paused")),
+        "{audits:?}"
+    );
+    assert!(
+        audits
+            .iter()
+            .any(|l| l.contains("action=\"resume\"") && l.contains("result=resumed")),
+        "{audits:?}"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // Without a configured token, mutating endpoints are refused outright.
+    std::fs::write(&cfg, with_token.replace("token = \"s3cret-token\"\n", "")).expect("write");
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon2").await;
+    let addr = admin_addr(&mut daemon).await;
+    let (code, body) = http_request(&addr, "POST", &pause, None).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("admin.token"), "{body}");
+    assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
+}

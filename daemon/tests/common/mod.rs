@@ -608,6 +608,16 @@ pub async fn admin_addr(daemon: &mut Daemon) -> String {
 
 /// A plain HTTP/1.1 GET; returns (status code, body).
 pub async fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    http_request(addr, "GET", path, token).await
+}
+
+/// A plain HTTP/1.1 request without a body; returns (status code, body).
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -617,7 +627,7 @@ pub async fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, Stri
         .unwrap_or_default();
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
         )
         .await
