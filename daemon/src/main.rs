@@ -117,7 +117,14 @@ enum OffsetsAction {
         config: PathBuf,
         #[arg(long)]
         sink: String,
-        /// Confirm: the sink re-applies everything still in its topics.
+        /// Resume every partition the sink has applied from at this offset (default: the start).
+        #[arg(long, conflicts_with = "to_time")]
+        to_offset: Option<i64>,
+        /// Resume every partition the sink has applied from at the first record written at or
+        /// after this time (RFC 3339, e.g. 2026-11-24T05:00:00Z).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        to_time: Option<std::time::SystemTime>,
+        /// Confirm: the sink applies again what follows the new position.
         #[arg(long)]
         yes: bool,
     },
@@ -985,7 +992,13 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
                 ExitCode::SUCCESS
             })
         }
-        OffsetsAction::Reset { sink, yes, .. } => {
+        OffsetsAction::Reset {
+            sink,
+            yes,
+            to_offset,
+            to_time,
+            ..
+        } => {
             let Some(sc) = bitclone9::sink_settings(&sink, &cfg) else {
                 eprintln!("bitclone9: no sink named {sink:?} in the configuration");
                 return Ok(ExitCode::from(2));
@@ -1003,9 +1016,75 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
             }
             let store = CheckpointStore::open(&cfg.daemon.state_dir)
                 .context("stop bitclone9 before resetting offsets")?;
+            // The partitions the sink has applied from, and where each resumes.
+            let mut partitions: Vec<(String, i32)> =
+                bitclone9_postgres_sink::read_positions(&sc.target.endpoint, &sink)
+                    .await?
+                    .into_iter()
+                    .map(|p| (p.topic, p.partition))
+                    .chain(
+                        store
+                            .load_sink_offsets(&sink)?
+                            .into_iter()
+                            .map(|(t, p, _)| (t, p)),
+                    )
+                    .collect();
+            partitions.sort();
+            partitions.dedup();
+            let resume_at: Vec<(String, i32, i64)> = match (to_offset, to_time) {
+                (Some(o), _) => partitions
+                    .iter()
+                    .map(|(t, p)| (t.clone(), *p, o.max(0)))
+                    .collect(),
+                (None, Some(time)) => {
+                    use rdkafka::consumer::{BaseConsumer, Consumer};
+                    let ms = time
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0);
+                    let consumer: BaseConsumer = bitclone9::sink::consumer_config(&sc)
+                        .create()
+                        .context("creating the Kafka client")?;
+                    let mut tpl = rdkafka::TopicPartitionList::new();
+                    for (t, p) in &partitions {
+                        let _ = tpl.add_partition_offset(t, *p, rdkafka::Offset::Offset(ms));
+                    }
+                    let timeout = cfg.kafka.request_timeout;
+                    let found =
+                        tokio::task::block_in_place(|| consumer.offsets_for_times(tpl, timeout))
+                            .context("looking up offsets by time in Kafka")?;
+                    let mut out = Vec::new();
+                    for (t, p) in &partitions {
+                        let at = match found.find_partition(t, *p).map(|e| e.offset()) {
+                            Some(rdkafka::Offset::Offset(o)) => o,
+                            // Nothing written at or after that time: resume at the end.
+                            _ => tokio::task::block_in_place(|| {
+                                consumer.fetch_watermarks(t, *p, timeout)
+                            })
+                            .map(|w| w.1)
+                            .with_context(|| format!("reading the end of {t}[{p}]"))?,
+                        };
+                        out.push((t.clone(), *p, at));
+                    }
+                    out
+                }
+                (None, None) => Vec::new(),
+            };
             let deleted =
                 bitclone9_postgres_sink::reset_positions(&sc.target.endpoint, &sink).await?;
             let cleared = store.clear_sink(&sink)?;
+            if !resume_at.is_empty() {
+                let applied: Vec<(String, i32, i64)> = resume_at
+                    .iter()
+                    .map(|(t, p, o)| (t.clone(), *p, o - 1))
+                    .collect();
+                bitclone9_postgres_sink::set_positions(&sc.target.endpoint, &sink, &applied)
+                    .await?;
+                store.save_sink_offsets(&sink, &applied)?;
+                for (t, p, o) in &resume_at {
+                    println!("{sink}: {t}[{p}] resumes at offset {o}");
+                }
+            }
             let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
                 rdkafka::ClientConfig::new()
                     .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
@@ -1030,8 +1109,13 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
             };
             tracing::info!(connector = %sink, positions = deleted, checkpoints = cleared, group = %sc.group, "admin action: sink offsets reset");
             println!(
-                "{sink}: {deleted} target position(s) and {cleared} checkpoint(s) forgotten; consumer group {} {group}; the next run applies from the beginning",
-                sc.group
+                "{sink}: {deleted} target position(s) and {cleared} checkpoint(s) replaced; consumer group {} {group}; {}",
+                sc.group,
+                if resume_at.is_empty() {
+                    "the next run applies from the beginning"
+                } else {
+                    "the next run applies from the offsets above"
+                }
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -631,6 +631,57 @@ async fn verify_names_the_key_range_of_a_row_changed_behind_the_sinks_back() {
         out.contains("(id) >= (901): source 100 rows, target 99 rows"),
         "{out}"
     );
+
+    // Reset to a time after every record: nothing is applied again, the damage stays.
+    let later =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    let (code, out) = cli(
+        &cl.config,
+        &[
+            "offsets",
+            "reset",
+            "--sink",
+            &cl.sink(),
+            "--to-time",
+            &later,
+            "--yes",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("resumes at offset"), "{out}");
+    let mut daemon = Daemon::start(&cl.config, "verify2");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (code, out) = cli(
+        &cl.config,
+        &["verify", "--chunk-rows", "100", "--rounds", "1"],
+        &[],
+    );
+    assert_eq!(
+        code,
+        Some(1),
+        "nothing re-applied after a reset to the end: {out}"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    // Reset to offset 0: everything is applied again and the target heals.
+    let (code, out) = cli(
+        &cl.config,
+        &[
+            "offsets",
+            "reset",
+            "--sink",
+            &cl.sink(),
+            "--to-offset",
+            "0",
+            "--yes",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let mut daemon = Daemon::start(&cl.config, "verify3");
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(90)).await;
+    assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }
 

@@ -998,6 +998,38 @@ pub async fn reset_positions(endpoint: &PgEndpoint, sink: &str) -> Result<u64, T
         .map_err(|e| db_error("bitclone9.sink_positions", e))
 }
 
+/// Sets a sink's positions to the given last-applied offsets, with no source position: every
+/// change after them is applied again (`offsets reset --to-offset | --to-time`).
+pub async fn set_positions(
+    endpoint: &PgEndpoint,
+    sink: &str,
+    applied: &[(String, i32, i64)],
+) -> Result<(), TargetError> {
+    let client = connect_session(endpoint, &format!("bitclone9-sink-{sink}"))
+        .await
+        .map_err(|e| TargetError::Unreachable(e.to_string()))?;
+    client
+        .batch_execute(POSITIONS_DDL)
+        .await
+        .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+    let topics: Vec<&str> = applied.iter().map(|(t, _, _)| t.as_str()).collect();
+    let parts: Vec<i32> = applied.iter().map(|(_, p, _)| *p).collect();
+    let offsets: Vec<i64> = applied.iter().map(|(_, _, o)| *o).collect();
+    client
+        .execute(
+            "INSERT INTO bitclone9.sink_positions
+               (sink, topic, kafka_partition, kafka_offset, lsn, streamed, seq, part)
+             SELECT $1, t, k, o, 0, false, 0, 0 FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, k, o)
+             ON CONFLICT (sink, topic, kafka_partition) DO UPDATE
+               SET kafka_offset = EXCLUDED.kafka_offset, lsn = 0, streamed = false, seq = 0, part = 0,
+                   applied_at = now()",
+            &[&sink, &topics, &parts, &offsets],
+        )
+        .await
+        .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+    Ok(())
+}
+
 /// Reads a sink's positions from its target without changing anything.
 pub async fn read_positions(
     endpoint: &PgEndpoint,
