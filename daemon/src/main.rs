@@ -1093,8 +1093,7 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
             let opts = rdkafka::admin::AdminOptions::new()
                 .operation_timeout(Some(cfg.kafka.request_timeout));
             // The sink resumes from the target's positions; the group's offsets only mirror
-            // them for lag tools. Deleting the group fails while a stopped daemon's static
-            // membership lingers; the next run overwrites its offsets anyway.
+            // them for lag tools, and the next run overwrites them if deleting fails.
             let group = match admin.delete_groups(&[sc.group.as_str()], &opts).await {
                 Ok(r) => match r.into_iter().next() {
                     Some(Ok(_)) => "deleted".to_string(),
