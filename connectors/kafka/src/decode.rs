@@ -65,6 +65,8 @@ enum Kind {
     Map(Box<Kind>),
     Enum,
     Fixed(usize),
+    /// A value passed over without building it (fields the reader does not need).
+    Skip(Box<Kind>),
 }
 
 /// A decoded datum, without field names.
@@ -217,7 +219,72 @@ impl<'a> Reader<'a> {
                 self.take(*n)?;
                 Datum::Skipped
             }
+            Kind::Skip(inner) => {
+                self.skip(inner)?;
+                Datum::Skipped
+            }
         })
+    }
+
+    /// Passes over a value of `kind` without allocating.
+    fn skip(&mut self, kind: &Kind) -> Result<(), String> {
+        match kind {
+            Kind::Null => {}
+            Kind::Bool => {
+                self.take(1)?;
+            }
+            Kind::Int | Kind::Long | Kind::Enum => {
+                self.long()?;
+            }
+            Kind::Float => {
+                self.take(4)?;
+            }
+            Kind::Double => {
+                self.take(8)?;
+            }
+            Kind::Bytes | Kind::Str => {
+                let n = self.len()?;
+                self.take(n)?;
+            }
+            Kind::Fixed(n) => {
+                self.take(*n)?;
+            }
+            Kind::Record(fields) => {
+                for f in fields {
+                    self.skip(f)?;
+                }
+            }
+            Kind::Union(branches) => {
+                let i = self.long()?;
+                let b = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| branches.get(i))
+                    .ok_or_else(|| format!("union branch {i} does not exist"))?;
+                self.skip(b)?;
+            }
+            Kind::Array(item) => loop {
+                let n = self.block_len()?;
+                if n == 0 {
+                    break;
+                }
+                for _ in 0..n {
+                    self.skip(item)?;
+                }
+            },
+            Kind::Map(value) => loop {
+                let n = self.block_len()?;
+                if n == 0 {
+                    break;
+                }
+                for _ in 0..n {
+                    let k = self.len()?;
+                    self.take(k)?;
+                    self.skip(value)?;
+                }
+            },
+            Kind::Skip(inner) => self.skip(inner)?,
+        }
+        Ok(())
     }
 }
 
@@ -474,6 +541,29 @@ fn plan(text: &str) -> Result<Plan, String> {
         src_index("seq")?,
         src_index("ts_ms")?,
     ];
+    // Read only what a change needs; pass over the rest (version, connector, name, db, ts_ms).
+    let mut kind = kind;
+    if let Kind::Record(top) = &mut kind {
+        let keep = [
+            Some(before),
+            Some(after),
+            Some(source),
+            Some(op),
+            index("unchanged_columns"),
+        ];
+        for (i, f) in top.iter_mut().enumerate() {
+            if !keep.contains(&Some(i)) {
+                *f = Kind::Skip(Box::new(f.clone()));
+            }
+        }
+        if let Some(Kind::Record(src_kinds)) = top.get_mut(source) {
+            for (i, f) in src_kinds.iter_mut().enumerate() {
+                if !src.contains(&i) {
+                    *f = Kind::Skip(Box::new(f.clone()));
+                }
+            }
+        }
+    }
     Ok(Plan::Envelope(EnvelopePlan {
         kind,
         before,
@@ -510,7 +600,8 @@ pub struct TombstoneHeaders {
 pub struct EventReader {
     registry: Registry,
     plans: HashMap<u32, Arc<Plan>>,
-    tables: HashMap<(Option<u32>, u32, TableId), Arc<TableSchema>>,
+    /// Table shapes by (key schema id, value schema id); the table's name is checked per record.
+    tables: HashMap<(Option<u32>, u32), Arc<TableSchema>>,
     /// The newest table shape seen per topic, for tombstones.
     latest: HashMap<String, Arc<TableSchema>>,
 }
@@ -620,18 +711,13 @@ impl EventReader {
             Some(k) if !k.is_empty() => {
                 let (key_id, _) = frame(k)?;
                 let p = self.plan(key_id).await?;
-                match &*p {
-                    Plan::Key { columns, .. } => Some((
-                        key_id,
-                        columns.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>(),
-                    )),
-                    Plan::Envelope(_) => {
-                        return Err(DecodeError::Unsupported {
-                            id: key_id,
-                            why: "the key is framed with an envelope schema".into(),
-                        })
-                    }
+                if matches!(&*p, Plan::Envelope(_)) {
+                    return Err(DecodeError::Unsupported {
+                        id: key_id,
+                        why: "the key is framed with an envelope schema".into(),
+                    });
                 }
+                Some((key_id, p))
             }
             _ => None,
         };
@@ -679,23 +765,29 @@ impl EventReader {
             Some("r") => Op::Read,
             other => return Err(data(format!("unknown op {other:?}"))),
         };
-        let id = TableId::new(schema, table);
         let key_id = key_plan.as_ref().map(|(k, _)| *k);
-        let cache_key = (key_id, value_id, id);
-        let table = match self.tables.get(&cache_key) {
+        let cache_key = (key_id, value_id);
+        let table = match self
+            .tables
+            .get(&cache_key)
+            .filter(|t| t.id.schema == schema && t.id.name == table)
+        {
             Some(t) => t.clone(),
             None => {
-                let key_fields = key_plan.map(|(_, f)| f).unwrap_or_default();
+                let key_fields: Vec<&String> = match key_plan.as_ref().map(|(_, p)| &**p) {
+                    Some(Plan::Key { columns, .. }) => columns.iter().map(|(f, _)| f).collect(),
+                    _ => Vec::new(),
+                };
                 let columns = env
                     .columns
                     .iter()
                     .map(|(field, c)| Column {
-                        is_key: key_fields.contains(field),
+                        is_key: key_fields.contains(&field),
                         ..c.clone()
                     })
                     .collect();
                 let t = Arc::new(TableSchema {
-                    id: cache_key.2.clone(),
+                    id: TableId::new(schema, table),
                     relation_id: 0,
                     columns,
                 });
