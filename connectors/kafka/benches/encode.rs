@@ -1,5 +1,5 @@
-//! The per-event hot path of the Kafka side: Avro-encoding a change's key and envelope.
-//! Run with `cargo bench -p bitclone9-kafka`.
+//! The per-event hot paths of the Kafka side: Avro-encoding a change's key and envelope, and
+//! decoding them back (what a sink does per record). Run with `cargo bench -p bitclone9-kafka`.
 
 use bitclone9_core::{
     Change, Column, ColumnType, Lsn, Op, SnapshotMark, TableId, TableSchema, TxInfo, Value,
@@ -85,5 +85,44 @@ fn bench_encode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_encode);
+fn bench_decode(c: &mut Criterion) {
+    use bitclone9_kafka::decode::{Decoded, EventReader};
+    let change = orders_change();
+    let topic = "shop.public.orders";
+    let key_schema = bitclone9_kafka::schema::key_schema(&change.table, topic).expect("key");
+    let value_schema = bitclone9_kafka::schema::value_schema(&change.table, topic).expect("value");
+    let registry =
+        bitclone9_kafka::Registry::new("http://127.0.0.1:1", std::time::Duration::from_secs(1))
+            .expect("registry");
+    let mut reader = EventReader::with_schemas(registry, &[(1, &key_schema), (2, &value_schema)])
+        .expect("plans");
+    let info = SourceInfo {
+        name: "shop".into(),
+        db: "shop".into(),
+    };
+    let (mut key, mut value) = (Vec::new(), Vec::new());
+    encode_key(&mut key, 1, &change.table, &[change.after.as_ref()]).expect("key");
+    encode_envelope(&mut value, 2, &change, &info, 1).expect("envelope");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("key_and_envelope_8_columns", |b| {
+        b.iter(|| {
+            let d = rt
+                .block_on(reader.decode(
+                    topic,
+                    Some(&key),
+                    Some(black_box(&value)),
+                    &Default::default(),
+                ))
+                .expect("decodes");
+            black_box(matches!(d, Decoded::Change(_)))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_encode, bench_decode);
 criterion_main!(benches);

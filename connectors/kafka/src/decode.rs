@@ -676,6 +676,17 @@ fn row(d: Datum, table: &TableSchema) -> Result<Option<Row>, String> {
 }
 
 impl EventReader {
+    /// A reader that already knows these (id, schema text) pairs, so it needs no registry for
+    /// them (benchmarks, tests).
+    pub fn with_schemas(registry: Registry, schemas: &[(u32, &str)]) -> Result<Self, DecodeError> {
+        let mut r = Self::new(registry);
+        for (id, text) in schemas {
+            let p = plan(text).map_err(|why| DecodeError::Unsupported { id: *id, why })?;
+            r.plans.insert(*id, Arc::new(p));
+        }
+        Ok(r)
+    }
+
     pub fn new(registry: Registry) -> Self {
         Self {
             registry,
