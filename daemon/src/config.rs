@@ -302,11 +302,19 @@ pub struct SinkConfig {
     /// How long a batch waits to fill once its first event arrived.
     #[serde(default = "default_batch_wait", with = "humantime_serde")]
     pub max_batch_wait: Duration,
+    /// Target sessions applying disjoint sets of partitions at once (1 to 16). Above 1, the
+    /// changes of different partitions commit in separate transactions; keep 1 when the target
+    /// has unique constraints besides the key that rows of different partitions can contend for.
+    #[serde(default = "one_usize")]
+    pub apply_concurrency: usize,
     /// librdkafka consumer settings passed through.
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
 }
 
+fn one_usize() -> usize {
+    1
+}
 fn yes() -> bool {
     true
 }
@@ -581,6 +589,12 @@ impl Config {
             }
             if k.max_batch_events == 0 {
                 return Err((at("max_batch_events"), "expected at least 1".into()));
+            }
+            if !(1..=16).contains(&k.apply_concurrency) {
+                return Err((
+                    at("apply_concurrency"),
+                    format!("expected 1 to 16, got {}", k.apply_concurrency),
+                ));
             }
             if k.sslmode == SslModeSetting::VerifyFull && k.host.parse::<std::net::IpAddr>().is_ok()
             {

@@ -94,6 +94,7 @@ pub fn sink_settings(name: &str, cfg: &Config) -> Option<sink::SinkPipelineConfi
         dead_letter_topic: k.dead_letter(name),
         max_batch: k.max_batch_events,
         max_wait: k.max_batch_wait,
+        apply_concurrency: k.apply_concurrency,
     })
 }
 

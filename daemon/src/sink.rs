@@ -83,6 +83,8 @@ pub struct SinkPipelineConfig {
     pub dead_letter_topic: String,
     pub max_batch: usize,
     pub max_wait: Duration,
+    /// Target sessions applying disjoint sets of partitions at once.
+    pub apply_concurrency: usize,
 }
 
 /// Attempts at a batch the target refuses before it is applied change by change.
@@ -320,6 +322,11 @@ async fn run_once(
     }
     let name = cfg.name.as_str();
     let mut target = PostgresTarget::connect(cfg.target.clone()).await?;
+    // More sessions apply disjoint sets of partitions at once (`apply_concurrency`).
+    let mut more_targets = Vec::new();
+    for _ in 1..cfg.apply_concurrency.max(1) {
+        more_targets.push(PostgresTarget::connect(cfg.target.clone()).await?);
+    }
     let registry = Registry::new(&cfg.kafka.registry_url, cfg.kafka.request_timeout)
         .map_err(|e| SinkPipelineError::Kafka(e.to_string()))?;
     let mut reader = EventReader::new(registry);
@@ -416,7 +423,16 @@ async fn run_once(
             continue;
         }
         let started = Instant::now();
-        let outcome = apply_batch(cfg, &mut target, &producer, &items, &m).await?;
+        let truncates = items
+            .iter()
+            .any(|i| i.change().is_some_and(|c| c.op == Op::Truncate));
+        let outcome = if more_targets.is_empty() || truncates {
+            // A truncate and what follows it are applied in order, in one transaction.
+            let all: Vec<&Item> = items.iter().collect();
+            apply_batch(cfg, &mut target, &producer, &all, &m).await?
+        } else {
+            apply_concurrently(cfg, &mut target, &mut more_targets, &producer, &items, &m).await?
+        };
         for (kind, n) in &outcome.dead_lettered {
             dead_letters(kind).increment(*n);
         }
@@ -649,6 +665,52 @@ fn waiting_for_topics(e: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
+/// Applies a batch on several sessions at once, each taking the records of its share of the
+/// partitions (all records of a partition, hence of a key, go to one session, in order).
+async fn apply_concurrently(
+    cfg: &SinkPipelineConfig,
+    first: &mut PostgresTarget,
+    more: &mut [PostgresTarget],
+    producer: &FutureProducer,
+    items: &[Item],
+    m: &Metrics,
+) -> Result<Outcome, SinkPipelineError> {
+    let n = more.len() + 1;
+    let share = |item: &Item| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (item.msg.topic(), item.msg.partition()).hash(&mut h);
+        (h.finish() % n as u64) as usize
+    };
+    let mut groups: Vec<Vec<&Item>> = vec![Vec::new(); n];
+    for item in items {
+        groups[share(item)].push(item);
+    }
+    let mut targets: Vec<&mut PostgresTarget> =
+        std::iter::once(first).chain(more.iter_mut()).collect();
+    let runs = targets
+        .iter_mut()
+        .zip(&groups)
+        .filter(|(_, g)| !g.is_empty())
+        .map(|(t, g)| apply_batch(cfg, t, producer, g, m));
+    let mut merged = Outcome {
+        positions: Vec::new(),
+        duplicates: 0,
+        missing_rows: 0,
+        dead_lettered: BTreeMap::new(),
+    };
+    for r in futures::future::join_all(runs).await {
+        let o = r?;
+        merged.positions.extend(o.positions);
+        merged.duplicates += o.duplicates;
+        merged.missing_rows += o.missing_rows;
+        for (k, v) in o.dead_lettered {
+            *merged.dead_lettered.entry(k).or_insert(0) += v;
+        }
+    }
+    Ok(merged)
+}
+
 /// What a batch did.
 struct Outcome {
     positions: Vec<PartitionPosition>,
@@ -663,7 +725,7 @@ async fn apply_batch(
     cfg: &SinkPipelineConfig,
     target: &mut PostgresTarget,
     producer: &FutureProducer,
-    items: &[Item],
+    items: &[&Item],
     m: &Metrics,
 ) -> Result<Outcome, SinkPipelineError> {
     let mut attempt = 0;
@@ -686,7 +748,7 @@ async fn apply_once(
     cfg: &SinkPipelineConfig,
     target: &mut PostgresTarget,
     producer: &FutureProducer,
-    items: &[Item],
+    items: &[&Item],
     m: &Metrics,
     isolate: bool,
 ) -> Result<Outcome, SinkPipelineError> {

@@ -356,13 +356,13 @@ async fn clone_all_types_under_load_then_verify_and_replay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_sigkill_during_load_loses_and_doubles_nothing() {
-    // Three partitions per topic: truncates (user ones, and those opening each snapshot) must
-    // wait for every partition.
+    // Three partitions per topic, applied on three target sessions at once: truncates (user
+    // ones, and those opening each snapshot) must wait for every partition.
     let cl = Clone::with_partitions(
         "skcrash",
         ALL_TYPES,
         TARGET_TYPES,
-        "max_batch_events = 300",
+        "max_batch_events = 300\napply_concurrency = 3",
         3,
     )
     .await;
