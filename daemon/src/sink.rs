@@ -2,11 +2,12 @@
 //! that restarts it.
 //!
 //! ```text
-//!  consumer ──records──► EventReader::decode ──► batch ──► target transaction:
-//!  (group, no auto                                          lock positions, drop what they cover,
-//!   commit)                                                 apply, store positions, dead letters
-//!      ▲                                                    acknowledged, COMMIT
-//!      └──── commit offsets to the group ◄── checkpoint (RocksDB) ◄──┘
+//!  consumer ──records──► EventReader::decode ──► truncate barrier ──► batch ──► target transaction:
+//!  (every partition of                                                           lock positions, drop
+//!   its topics, from the                                                         what they cover, apply,
+//!   target's positions)                                                          store positions, dead
+//!      ▲                                                                         letters acked, COMMIT
+//!      └──── commit offsets to the group ◄── checkpoint (RocksDB) ◄──────────────────┘
 //! ```
 //!
 //! The target's own `bitclone9.sink_positions` table decides what is applied: it commits with
@@ -381,7 +382,7 @@ async fn run_once(
                 continue;
             }
             Ok(Err(e)) if waiting_for_topics(&e) => {
-                tracing::debug!(connector = %name, "no subscribed topic exists yet: {e}");
+                tracing::debug!(connector = %name, "a topic the sink reads is not there: {e}");
                 status.touch(name);
                 continue;
             }
@@ -653,8 +654,8 @@ fn tombstone_headers(msg: &OwnedMessage) -> TombstoneHeaders {
     h
 }
 
-/// A subscribed topic (or every topic of a pattern) does not exist yet: the source creates
-/// topics with their first events, so a sink started first waits for them.
+/// An assigned topic or partition is gone or not there yet (deleted, or not yet created by the
+/// source): not a reason to stop; the next scan of the topics settles it.
 fn waiting_for_topics(e: &rdkafka::error::KafkaError) -> bool {
     matches!(
         e,
