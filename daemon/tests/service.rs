@@ -620,3 +620,65 @@ async fn pause_and_resume_need_the_token_and_are_audited() {
     assert_eq!(daemon.terminate(), Some(0));
     cleanup(&db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_connector_stops_the_watchdog_pings() {
+    let (db, _) = db_with("notify", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let (socket, messages) = notify_socket();
+    let mut daemon = Daemon::start_with(
+        &cfg,
+        "daemon",
+        &[
+            ("NOTIFY_SOCKET", &socket),
+            ("WATCHDOG_USEC", "1500000"),
+            ("WATCHDOG_PID", "self"),
+        ],
+    );
+    daemon
+        .wait_log("streaming started", Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Freeze the server process that streams this slot's WAL: the connector waits on it forever.
+    let pid: i32 = admin()
+        .await
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&format!("bitclone9_{db}")],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .expect("kill")
+    };
+    assert!(signal("-STOP").success());
+    let before = lines(&messages)
+        .iter()
+        .filter(|l| *l == "WATCHDOG=1")
+        .count();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let frozen_log = daemon.log_text();
+    let during = lines(&messages)
+        .iter()
+        .filter(|l| *l == "WATCHDOG=1")
+        .count();
+    assert!(signal("-CONT").success());
+    assert!(
+        frozen_log.contains("made no progress within the watchdog interval"),
+        "{frozen_log}"
+    );
+    // About 1.5 s of pings at most before the hang is noticed, then none.
+    assert!(
+        during - before <= 4,
+        "pinged {} times while stuck",
+        during - before
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
+}
