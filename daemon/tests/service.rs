@@ -682,3 +682,83 @@ async fn a_stuck_connector_stops_the_watchdog_pings() {
     assert_eq!(daemon.terminate(), Some(0));
     cleanup(&db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_and_loses_nothing() {
+    let (db, client) = db_with("term", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
+    client
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 50)")
+        .await
+        .expect("rows");
+    let topic = spec.topic("t");
+    let ids = |records: &[Record]| {
+        let mut ids: Vec<i64> = records
+            .iter()
+            .filter(|r| r.op().as_deref() == Some("c"))
+            .filter_map(|r| r.key_long("id"))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    assert_eq!(
+        ids(&consume(&topic, 51, Duration::from_secs(2), Duration::from_secs(60)).await).len(),
+        50
+    );
+    // Freeze the walsender, so the clean stop cannot confirm its final position and waits.
+    let pid: i32 = admin()
+        .await
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&format!("bitclone9_{db}")],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    let signal = |sig: &str, pid: String| {
+        std::process::Command::new("kill")
+            .arg(sig)
+            .arg(pid)
+            .status()
+            .expect("kill")
+    };
+    client
+        .batch_execute("INSERT INTO t SELECT generate_series(51, 100)")
+        .await
+        .expect("rows");
+    assert!(signal("-STOP", pid.to_string()).success());
+    let daemon_pid = daemon.child.id().to_string();
+    assert!(signal("-TERM", daemon_pid.clone()).success());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        daemon.is_running(),
+        "the clean stop waits for the frozen server"
+    );
+    let second = std::time::Instant::now();
+    assert!(signal("-TERM", daemon_pid).success());
+    let mut code = None;
+    while second.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(st)) = daemon.child.try_wait() {
+            code = st.code();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(signal("-CONT", pid.to_string()).success());
+    assert_eq!(
+        code,
+        Some(130),
+        "the second signal exits at once:\n{}",
+        daemon.log_text()
+    );
+    assert!(daemon.log_text().contains("second signal, exiting now"));
+    // The next start resumes from the last checkpoint: every row arrives.
+    let mut daemon = Daemon::start_streaming(&cfg, "daemon2").await;
+    let records = consume(&topic, 101, Duration::from_secs(3), Duration::from_secs(60)).await;
+    assert_eq!(ids(&records), (1..=100).collect::<Vec<i64>>());
+    assert_eq!(daemon.terminate(), Some(0));
+    cleanup(&db).await;
+}
