@@ -28,7 +28,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -151,8 +151,9 @@ pub fn consumer_config(cfg: &SinkPipelineConfig) -> ClientConfig {
     c
 }
 
-/// Where each partition resumes: after the offset the target last applied from it.
-type Starts = Arc<Mutex<HashMap<(String, i32), Applied>>>;
+/// What the target has applied from each partition (as of the last commit): where reading
+/// resumes, and what the truncate barrier and lag figures compare with.
+type Applieds = HashMap<(String, i32), Applied>;
 
 /// Finds the topics a sink reads and assigns all their partitions to it, each starting after
 /// the target's position (or at its beginning). The sink assigns partitions itself rather than
@@ -202,7 +203,7 @@ impl Assigner {
         &mut self,
         name: &str,
         consumer: &StreamConsumer<C>,
-        starts: &Starts,
+        applied: &Applieds,
         timeout: Duration,
     ) -> Result<(), SinkPipelineError> {
         if self
@@ -215,7 +216,6 @@ impl Assigner {
         let metadata = tokio::task::block_in_place(|| consumer.fetch_metadata(None, timeout))
             .map_err(|e| SinkPipelineError::Kafka(format!("listing topics: {e}")))?;
         let mut tpl = TopicPartitionList::new();
-        let starts = starts.lock().unwrap_or_else(|p| p.into_inner());
         let wanted: Vec<_> = metadata
             .topics()
             .iter()
@@ -227,7 +227,7 @@ impl Assigner {
                 if self.assigned.contains(&key) {
                     continue;
                 }
-                let start = starts
+                let start = applied
                     .get(&key)
                     .map_or(Offset::Beginning, |a| Offset::Offset(a.offset + 1));
                 tracing::info!(connector = %name, topic = t.name(), partition = p.id(), offset = ?start, "reading partition, from after the target's position");
@@ -331,19 +331,17 @@ async fn run_once(
     let registry = Registry::new(&cfg.kafka.registry_url, cfg.kafka.request_timeout)
         .map_err(|e| SinkPipelineError::Kafka(e.to_string()))?;
     let mut reader = EventReader::new(registry);
-    let starts: Starts = Arc::new(Mutex::new(
-        target
-            .positions()
-            .await?
-            .into_iter()
-            .map(|p| ((p.topic, p.partition), p.applied))
-            .collect(),
-    ));
+    let mut applied: Applieds = target
+        .positions()
+        .await?
+        .into_iter()
+        .map(|p| ((p.topic, p.partition), p.applied))
+        .collect();
     let consumer: StreamConsumer = consumer_config(cfg)
         .create()
         .map_err(|e| SinkPipelineError::Kafka(format!("consumer: {e}")))?;
     let mut assigner = Assigner::new(cfg)?;
-    assigner.scan(name, &consumer, &starts, cfg.kafka.request_timeout)?;
+    assigner.scan(name, &consumer, &applied, cfg.kafka.request_timeout)?;
     let producer: FutureProducer = bitclone9_kafka::producer_config(&cfg.kafka)
         .create()
         .map_err(|e| SinkPipelineError::Kafka(format!("dead-letter producer: {e}")))?;
@@ -359,7 +357,16 @@ async fn run_once(
     let dead_letters = |reason: &str| metrics::counter!("bitclone9_sink_dead_letters_total", "connector" => name.to_string(), "reason" => reason.to_string());
 
     loop {
-        assigner.scan(name, &consumer, &starts, cfg.kafka.request_timeout)?;
+        status.touch(name);
+        progress.refresh(
+            name,
+            &consumer,
+            &assigner,
+            &applied,
+            status,
+            cfg.kafka.request_timeout,
+        );
+        assigner.scan(name, &consumer, &applied, cfg.kafka.request_timeout)?;
         // Wait for a first record (touching the status while idle), then fill the batch.
         let first = tokio::select! {
             biased;
@@ -370,20 +377,10 @@ async fn run_once(
             Err(_) => {
                 // Nothing to apply: the checkpoint is current.
                 m.checkpointed_at.set(now_secs());
-                status.touch(name);
-                progress.refresh(
-                    name,
-                    &consumer,
-                    &assigner,
-                    &starts,
-                    status,
-                    cfg.kafka.request_timeout,
-                );
                 continue;
             }
             Ok(Err(e)) if waiting_for_topics(&e) => {
                 tracing::debug!(connector = %name, "a topic the sink reads is not there: {e}");
-                status.touch(name);
                 continue;
             }
             Ok(Err(e)) => return Err(SinkPipelineError::Kafka(format!("consuming: {e}"))),
@@ -415,12 +412,8 @@ async fn run_once(
             };
             items.push(Item { msg, decoded });
         }
-        let items = {
-            let applied = starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            barrier.route(items, &applied, &consumer, &assigner.assigned)
-        };
+        let items = barrier.route(items, &applied, &consumer, &assigner.assigned);
         if items.is_empty() {
-            status.touch(name);
             continue;
         }
         let started = Instant::now();
@@ -443,10 +436,13 @@ async fn run_once(
         m.duplicates.increment(outcome.duplicates);
         m.missing_rows.increment(outcome.missing_rows);
         let now_us = (now_secs() * 1e6) as i64;
-        for c in items.iter().filter_map(Item::change) {
-            if c.op != Op::Read {
-                m.commit_lag
-                    .record((now_us - c.tx.commit_time_us).max(0) as f64 / 1e6);
+        for item in &items {
+            // Streamed events only: snapshot rows carry the snapshot's start, tombstones no time.
+            if let Ok(Decoded::Change(c)) = &item.decoded {
+                if c.op != Op::Read && c.snapshot == bitclone9_core::SnapshotMark::No {
+                    m.commit_lag
+                        .record((now_us - c.tx.commit_time_us).max(0) as f64 / 1e6);
+                }
             }
         }
         // Follow the target: checkpoint, then tell the consumer group.
@@ -456,11 +452,8 @@ async fn run_once(
             .map(|p| (p.topic.clone(), p.partition, p.applied.offset))
             .collect();
         store.save_sink_offsets(name, &offsets)?;
-        {
-            let mut starts = starts.lock().unwrap_or_else(|p| p.into_inner());
-            for p in &outcome.positions {
-                starts.insert((p.topic.clone(), p.partition), p.applied);
-            }
+        for p in &outcome.positions {
+            applied.insert((p.topic.clone(), p.partition), p.applied);
         }
         m.checkpointed_at.set(now_secs());
         let mut tpl = TopicPartitionList::new();
@@ -470,15 +463,6 @@ async fn run_once(
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::warn!(connector = %name, error = %e, "cannot commit offsets to the consumer group (the target holds the positions; lag tools may show stale lag)");
         }
-        status.touch(name);
-        progress.refresh(
-            name,
-            &consumer,
-            &assigner,
-            &starts,
-            status,
-            cfg.kafka.request_timeout,
-        );
     }
 }
 
@@ -494,7 +478,7 @@ impl Progress {
         name: &str,
         consumer: &StreamConsumer<C>,
         assigner: &Assigner,
-        starts: &Starts,
+        applied: &Applieds,
         status: &Status,
         timeout: Duration,
     ) {
@@ -505,7 +489,6 @@ impl Progress {
             return;
         }
         self.last = Some(Instant::now());
-        let applied = starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut parts: Vec<&(String, i32)> = assigner.assigned.iter().collect();
         parts.sort();
         let mut progress = crate::status::SinkProgress::default();
@@ -552,17 +535,21 @@ impl TruncateBarrier {
     ) -> Vec<Item> {
         let partitions = |topic: &str| assigned.iter().filter(|(t, _)| t == topic).count();
         let mut ready = Vec::with_capacity(items.len());
-        let mut queue: std::collections::VecDeque<Item> = items.into();
-        while let Some(item) = queue.pop_front() {
+        for item in items {
+            let truncate = item
+                .change()
+                .filter(|c| c.op == Op::Truncate)
+                .map(Watermark::of);
+            if truncate.is_none() && self.held.is_empty() {
+                // The common case: nothing is held, and this is no truncate.
+                ready.push(item);
+                continue;
+            }
             let key = (item.msg.topic().to_string(), item.msg.partition());
             if let Some(q) = self.held.get_mut(&key) {
                 q.push_back(item);
                 continue;
             }
-            let truncate = item
-                .change()
-                .filter(|c| c.op == Op::Truncate)
-                .map(Watermark::of);
             let done = applied.get(&key).copied();
             let covered = |w: Watermark| {
                 done.is_some_and(|a| item.msg.offset() <= a.offset || w <= a.watermark)
@@ -753,12 +740,13 @@ async fn apply_once(
     m: &Metrics,
     isolate: bool,
 ) -> Result<Outcome, SinkPipelineError> {
-    let mut partitions: Vec<(String, i32)> = items
+    let partitions: Vec<(String, i32)> = items
         .iter()
-        .map(|i| (i.msg.topic().to_string(), i.msg.partition()))
+        .map(|i| (i.msg.topic(), i.msg.partition()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|(t, p)| (t.to_string(), p))
         .collect();
-    partitions.sort();
-    partitions.dedup();
     target.begin().await?;
     let result = async {
         let stored: HashMap<(String, i32), Applied> = target
