@@ -98,52 +98,86 @@ fn push_position(items: &mut Vec<AckItem>, deliveries: &mut Vec<Delivery>, lsn: 
 /// How often the confirmed position is written to the checkpoint store at most.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
-/// Runs the pipeline until `shutdown` turns true, restarting it with exponential backoff
-/// (1 s doubling to 60 s) after failures. Never returns an error: failures are logged, counted
-/// and retried, and nothing is confirmed that Kafka has not stored.
+/// A failure that ends a connector's run: named by the part at fault, for logs and metrics.
+pub trait RunFailure: std::fmt::Display {
+    fn component(&self) -> &'static str;
+    /// Whether retrying may help (a hint for the log; every failure is retried).
+    fn transient(&self) -> bool {
+        true
+    }
+}
+
+impl RunFailure for PipelineError {
+    fn component(&self) -> &'static str {
+        PipelineError::component(self)
+    }
+    fn transient(&self) -> bool {
+        match self {
+            PipelineError::Source(s) => s.is_transient(),
+            PipelineError::Kafka(k) => k.is_transient(),
+            _ => true,
+        }
+    }
+}
+
+/// Runs a connector (`kind` "source" or "sink") until `shutdown` turns true, restarting it with exponential backoff (1 s
+/// doubling to 60 s, back to 1 s after a run of two minutes) after failures. Never returns an
+/// error: failures are logged, counted and shown in the status.
+pub async fn restart_on_failure<F, Fut, E>(
+    kind: &'static str,
+    name: &str,
+    status: &Status,
+    mut shutdown: watch::Receiver<bool>,
+    mut run: F,
+) where
+    F: FnMut(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: RunFailure,
+{
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        status.set_state(name, ConnectorState::Starting);
+        let span = match kind {
+            "sink" => tracing::info_span!("sink", connector = %name),
+            _ => tracing::info_span!("source", connector = %name),
+        };
+        let result = tracing::Instrument::instrument(run(shutdown.clone()), span).await;
+        let e = match result {
+            Ok(()) => {
+                status.set_state(name, ConnectorState::Stopped);
+                return;
+            }
+            Err(e) => e,
+        };
+        metrics::counter!("bitclone9_pipeline_restarts_total", "connector" => name.to_string(), "component" => e.component()).increment(1);
+        if started.elapsed() > Duration::from_secs(120) {
+            backoff = Duration::from_secs(1);
+        }
+        tracing::error!(connector = %name, component = e.component(), transient = e.transient(), retry_in = ?backoff, "{kind} stopped: {e}");
+        status.failed(name, format!("{}: {e}", e.component()));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Runs the source pipeline until `shutdown` turns true, restarting it after failures; nothing
+/// is confirmed that Kafka has not stored.
 pub async fn supervise(
     cfg: PipelineConfig,
     store: Arc<CheckpointStore>,
     status: Arc<Status>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let name = cfg.source.name.clone();
     status.register(&name, &cfg.source.slot);
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let started = Instant::now();
-        let span = tracing::info_span!("source", connector = %name);
-        status.set_state(&name, ConnectorState::Starting);
-        let result = tracing::Instrument::instrument(
-            run_once(&cfg, &store, &status, shutdown.clone()),
-            span,
-        )
-        .await;
-        match result {
-            Ok(()) => {
-                status.set_state(&name, ConnectorState::Stopped);
-                return;
-            }
-            Err(e) => {
-                metrics::counter!("bitclone9_pipeline_restarts_total", "connector" => name.clone(), "component" => e.component()).increment(1);
-                if started.elapsed() > Duration::from_secs(120) {
-                    backoff = Duration::from_secs(1);
-                }
-                let transient = match &e {
-                    PipelineError::Source(s) => s.is_transient(),
-                    PipelineError::Kafka(k) => k.is_transient(),
-                    _ => true,
-                };
-                tracing::error!(connector = %name, component = e.component(), transient, retry_in = ?backoff, "pipeline stopped: {e}");
-                status.failed(&name, format!("{}: {e}", e.component()));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-            }
-        }
-    }
+    restart_on_failure("source", &name, &status, shutdown, |stop| {
+        run_once(&cfg, &store, &status, stop)
+    })
+    .await;
 }
 
 fn now_ms() -> i64 {

@@ -52,8 +52,8 @@ pub enum SinkPipelineError {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
 }
 
-impl SinkPipelineError {
-    pub fn component(&self) -> &'static str {
+impl crate::pipeline::RunFailure for SinkPipelineError {
+    fn component(&self) -> &'static str {
         match self {
             SinkPipelineError::Target(_) | SinkPipelineError::Poison { .. } => "postgres",
             SinkPipelineError::Decode(_) => "schema_registry",
@@ -91,45 +91,19 @@ pub struct SinkPipelineConfig {
 /// Attempts at a batch the target refuses before it is applied change by change.
 const POISON_ATTEMPTS: u32 = 3;
 
-/// Runs the sink until `shutdown` turns true, restarting it with backoff (1 s doubling to 60 s).
+/// Runs the sink until `shutdown` turns true, restarting it after failures.
 pub async fn supervise(
     cfg: SinkPipelineConfig,
     store: Arc<CheckpointStore>,
     status: Arc<Status>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let name = cfg.name.clone();
     status.register(&name, "");
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let started = Instant::now();
-        status.set_state(&name, ConnectorState::Starting);
-        let span = tracing::info_span!("sink", connector = %name);
-        let result = tracing::Instrument::instrument(
-            run_once(&cfg, &store, &status, shutdown.clone()),
-            span,
-        )
-        .await;
-        match result {
-            Ok(()) => {
-                status.set_state(&name, ConnectorState::Stopped);
-                return;
-            }
-            Err(e) => {
-                metrics::counter!("bitclone9_pipeline_restarts_total", "connector" => name.clone(), "component" => e.component()).increment(1);
-                if started.elapsed() > Duration::from_secs(120) {
-                    backoff = Duration::from_secs(1);
-                }
-                tracing::error!(connector = %name, component = e.component(), retry_in = ?backoff, "sink stopped: {e}");
-                status.failed(&name, format!("{}: {e}", e.component()));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-            }
-        }
-    }
+    crate::pipeline::restart_on_failure("sink", &name, &status, shutdown, |stop| {
+        run_once(&cfg, &store, &status, stop)
+    })
+    .await;
 }
 
 /// The consumer settings BitClone9 relies on; user settings tune the rest.
