@@ -481,37 +481,7 @@ impl Config {
                     ));
                 }
             }
-            if s.sslmode == SslModeSetting::VerifyFull && s.host.parse::<std::net::IpAddr>().is_ok()
-            {
-                return Err((at("host"), format!("sslmode = \"verify-full\" checks the certificate against a host name, and the replication connection cannot check it against an IP address ({}): use the server's DNS name, or sslmode = \"verify-ca\"", s.host)));
-            }
-            if s.sslcert.is_some() != s.sslkey.is_some() {
-                return Err((
-                    at(if s.sslcert.is_some() {
-                        "sslkey"
-                    } else {
-                        "sslcert"
-                    }),
-                    "sslcert and sslkey go together: give both or neither".into(),
-                ));
-            }
-            for (key, path) in [
-                ("sslrootcert", &s.sslrootcert),
-                ("sslcert", &s.sslcert),
-                ("sslkey", &s.sslkey),
-            ] {
-                if let Some(p) = path {
-                    if !p.is_file() {
-                        return Err((
-                            at(key),
-                            format!(
-                                "expected a readable PEM file, but {} does not exist",
-                                p.display()
-                            ),
-                        ));
-                    }
-                }
-            }
+            check_connection(&s.connection(), &at)?;
             if s.topics.partitions < 1 {
                 return Err((
                     at("topics.partitions"),
@@ -596,31 +566,7 @@ impl Config {
                     format!("expected 1 to 16, got {}", k.apply_concurrency),
                 ));
             }
-            if k.sslmode == SslModeSetting::VerifyFull && k.host.parse::<std::net::IpAddr>().is_ok()
-            {
-                return Err((at("host"), format!("sslmode = \"verify-full\" checks the certificate against a host name, not an IP address ({}): use the server's DNS name, or sslmode = \"verify-ca\"", k.host)));
-            }
-            if k.sslcert.is_some() != k.sslkey.is_some() {
-                return Err((
-                    at("sslcert"),
-                    "sslcert and sslkey go together: give both or neither".into(),
-                ));
-            }
-            for (key, path) in [
-                ("sslrootcert", &k.sslrootcert),
-                ("sslcert", &k.sslcert),
-                ("sslkey", &k.sslkey),
-            ] {
-                if let Some(p) = path.as_ref().filter(|p| !p.is_file()) {
-                    return Err((
-                        at(key),
-                        format!(
-                            "expected a readable PEM file, but {} does not exist",
-                            p.display()
-                        ),
-                    ));
-                }
-            }
+            check_connection(&k.connection(), &at)?;
         }
         Ok(())
     }
@@ -643,6 +589,78 @@ impl Config {
         }
         k.topics.clone()
     }
+}
+
+/// The PostgreSQL connection keys sources and sinks share.
+#[derive(Debug, Clone, Copy)]
+pub struct PgConnection<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub user: &'a str,
+    pub password: &'a str,
+    pub database: &'a str,
+    pub sslmode: SslModeSetting,
+    pub sslrootcert: Option<&'a PathBuf>,
+    pub sslcert: Option<&'a PathBuf>,
+    pub sslkey: Option<&'a PathBuf>,
+    pub connect_timeout: Duration,
+}
+
+macro_rules! connection_of {
+    ($t:ty) => {
+        impl $t {
+            pub fn connection(&self) -> PgConnection<'_> {
+                PgConnection {
+                    host: &self.host,
+                    port: self.port,
+                    user: &self.user,
+                    password: &self.password,
+                    database: &self.database,
+                    sslmode: self.sslmode,
+                    sslrootcert: self.sslrootcert.as_ref(),
+                    sslcert: self.sslcert.as_ref(),
+                    sslkey: self.sslkey.as_ref(),
+                    connect_timeout: self.connect_timeout,
+                }
+            }
+        }
+    };
+}
+connection_of!(SourceConfig);
+connection_of!(SinkConfig);
+
+/// TLS settings that cannot work: verify-full against an IP address, half a client
+/// certificate, PEM files that are not there. `at` turns a key into its path in the file.
+fn check_connection(c: &PgConnection, at: &dyn Fn(&str) -> String) -> Result<(), (String, String)> {
+    if c.sslmode == SslModeSetting::VerifyFull && c.host.parse::<std::net::IpAddr>().is_ok() {
+        return Err((at("host"), format!("sslmode = \"verify-full\" checks the certificate against a host name, and BitClone9's connections (the replication one among them) cannot check it against an IP address ({}): use the server's DNS name, or sslmode = \"verify-ca\"", c.host)));
+    }
+    if c.sslcert.is_some() != c.sslkey.is_some() {
+        return Err((
+            at(if c.sslcert.is_some() {
+                "sslkey"
+            } else {
+                "sslcert"
+            }),
+            "sslcert and sslkey go together: give both or neither".into(),
+        ));
+    }
+    for (key, path) in [
+        ("sslrootcert", c.sslrootcert),
+        ("sslcert", c.sslcert),
+        ("sslkey", c.sslkey),
+    ] {
+        if let Some(p) = path.filter(|p| !p.is_file()) {
+            return Err((
+                at(key),
+                format!(
+                    "expected a readable PEM file, but {} does not exist",
+                    p.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Warns when `file` can be read by every user and writes a secret in clear (rather than as

@@ -32,38 +32,20 @@ fn tls_mode(m: SslModeSetting) -> TlsMode {
     }
 }
 
-/// The target database of the sink named `name`.
-pub fn sink_endpoint(k: &config::SinkConfig) -> PgEndpoint {
+/// Where a source or sink's PostgreSQL is, and how to reach it.
+pub fn pg_endpoint(c: config::PgConnection) -> PgEndpoint {
     PgEndpoint {
-        host: k.host.clone(),
-        port: k.port,
-        user: k.user.clone(),
-        password: k.password.clone(),
-        database: k.database.clone(),
-        connect_timeout: k.connect_timeout,
+        host: c.host.to_string(),
+        port: c.port,
+        user: c.user.to_string(),
+        password: c.password.to_string(),
+        database: c.database.to_string(),
+        connect_timeout: c.connect_timeout,
         tls: TlsSettings {
-            mode: tls_mode(k.sslmode),
-            root_cert: k.sslrootcert.clone(),
-            client_cert: k.sslcert.clone(),
-            client_key: k.sslkey.clone(),
-        },
-    }
-}
-
-/// The source database of the source named `name`, for SQL sessions (e.g. `verify`).
-pub fn source_endpoint(s: &SourceConfig) -> PgEndpoint {
-    PgEndpoint {
-        host: s.host.clone(),
-        port: s.port,
-        user: s.user.clone(),
-        password: s.password.clone(),
-        database: s.database.clone(),
-        connect_timeout: s.connect_timeout,
-        tls: TlsSettings {
-            mode: tls_mode(s.sslmode),
-            root_cert: s.sslrootcert.clone(),
-            client_cert: s.sslcert.clone(),
-            client_key: s.sslkey.clone(),
+            mode: tls_mode(c.sslmode),
+            root_cert: c.sslrootcert.cloned(),
+            client_cert: c.sslcert.cloned(),
+            client_key: c.sslkey.cloned(),
         },
     }
 }
@@ -83,7 +65,7 @@ pub fn sink_settings(name: &str, cfg: &Config) -> Option<sink::SinkPipelineConfi
         subscription: cfg.sink_subscription(name),
         target: PostgresTargetConfig {
             name: name.to_string(),
-            endpoint: sink_endpoint(k),
+            endpoint: pg_endpoint(k.connection()),
             create_tables: k.create_tables,
             schema: k.target_schema.clone(),
         },
@@ -117,11 +99,7 @@ pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
 pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
     PostgresSourceConfig {
         name: name.to_string(),
-        host: s.host.clone(),
-        port: s.port,
-        user: s.user.clone(),
-        password: s.password.clone(),
-        database: s.database.clone(),
+        endpoint: pg_endpoint(s.connection()),
         slot: s.slot_name(name),
         publication: s.publication_name(name),
         include: s.include.clone(),
@@ -132,13 +110,6 @@ pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
         },
         heartbeat_interval: s.heartbeat_interval,
         status_interval: s.status_interval,
-        connect_timeout: s.connect_timeout,
-        tls: TlsSettings {
-            mode: tls_mode(s.sslmode),
-            root_cert: s.sslrootcert.clone(),
-            client_cert: s.sslcert.clone(),
-            client_key: s.sslkey.clone(),
-        },
     }
 }
 

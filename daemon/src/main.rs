@@ -772,7 +772,9 @@ async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
             "sink {name} (postgres {}:{}/{})",
             k.host, k.port, k.database
         );
-        match bitclone9_postgres_sink::read_positions(&bitclone9::sink_endpoint(k), name).await {
+        match bitclone9_postgres_sink::read_positions(&bitclone9::pg_endpoint(k.connection()), name)
+            .await
+        {
             Ok(p) => println!("{at}: ok, {} partition position(s) stored", p.len()),
             Err(e) => {
                 failed = true;
@@ -839,8 +841,8 @@ async fn verify_command(
             pairs.len()
         );
         let reports = bitclone9::verify::verify(
-            &bitclone9::source_endpoint(s),
-            &bitclone9::sink_endpoint(k),
+            &bitclone9::pg_endpoint(s.connection()),
+            &bitclone9::pg_endpoint(k.connection()),
             &pairs,
             opts,
         )

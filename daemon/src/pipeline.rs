@@ -201,7 +201,7 @@ async fn run_once(
     tracing::info!(connector = %name, lsn = ?resume.lsn.map(|l| l.to_string()), snapshot_done = resume.snapshot_done, "starting pipeline");
     let info = SourceInfo {
         name: name.clone(),
-        db: cfg.source.database.clone(),
+        db: cfg.source.endpoint.database.clone(),
     };
     let mut writer = EventWriter::connect(&cfg.kafka, cfg.topics.clone(), info).await?;
     let forget = || store.clear_source(&name).map_err(|e| e.to_string());

@@ -141,11 +141,8 @@ fn unreachable(target: String, detail: String, tls: &TlsSettings) -> SourceError
 pub struct PostgresSourceConfig {
     /// The source's name, as it appears in events, logs and metrics.
     pub name: String,
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub password: String,
-    pub database: String,
+    /// The server, database, role and TLS settings of both connections.
+    pub endpoint: PgEndpoint,
     pub slot: String,
     pub publication: String,
     pub include: Vec<String>,
@@ -155,8 +152,6 @@ pub struct PostgresSourceConfig {
     pub heartbeat_interval: Duration,
     /// How often the confirmed position is reported to the server.
     pub status_interval: Duration,
-    pub connect_timeout: Duration,
-    pub tls: TlsSettings,
 }
 
 /// What the daemon remembers of this source between runs.
@@ -288,16 +283,7 @@ pub struct PgEndpoint {
 
 /// Opens a normal (SQL) session with the source's settings.
 async fn connect_sql(cfg: &PostgresSourceConfig) -> Result<tokio_postgres::Client, SourceError> {
-    let ep = PgEndpoint {
-        host: cfg.host.clone(),
-        port: cfg.port,
-        user: cfg.user.clone(),
-        password: cfg.password.clone(),
-        database: cfg.database.clone(),
-        connect_timeout: cfg.connect_timeout,
-        tls: cfg.tls.clone(),
-    };
-    connect_session(&ep, &format!("bitclone9-{}", cfg.name)).await
+    connect_session(&cfg.endpoint, &format!("bitclone9-{}", cfg.name)).await
 }
 
 /// Opens a SQL session with BitClone9's session settings (UTC, ISO dates, exact floats).
@@ -354,7 +340,7 @@ pub async fn connect_session(
 /// capture. Changes nothing on the server.
 pub async fn check(cfg: &PostgresSourceConfig) -> Result<Vec<TableId>, SourceError> {
     let sql = connect_sql(cfg).await?;
-    catalog::check_server(&sql, &cfg.user).await?;
+    catalog::check_server(&sql, &cfg.endpoint.user).await?;
     catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await
 }
 
@@ -432,9 +418,12 @@ impl PostgresSource {
         resume: ResumeState,
         forget_position: &(dyn Fn() -> Result<(), String> + Sync),
     ) -> Result<Self, SourceError> {
-        let target = format!("{}:{} (database {})", cfg.host, cfg.port, cfg.database);
+        let target = format!(
+            "{}:{} (database {})",
+            cfg.endpoint.host, cfg.endpoint.port, cfg.endpoint.database
+        );
         let sql = connect_sql(&cfg).await?;
-        catalog::check_server(&sql, &cfg.user).await?;
+        catalog::check_server(&sql, &cfg.endpoint.user).await?;
         let tables = catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await?;
         let published = catalog::ensure_publication(&sql, &cfg.publication, &tables).await?;
 
@@ -448,12 +437,12 @@ impl PostgresSource {
                 });
             }
             if s.plugin.as_deref() != Some("pgoutput")
-                || s.database.as_deref() != Some(cfg.database.as_str())
+                || s.database.as_deref() != Some(cfg.endpoint.database.as_str())
             {
                 return Err(SourceError::Misconfigured {
                     problem: format!(
                         "replication slot '{}' exists for plugin {:?} on database {:?}, not pgoutput on '{}'",
-                        cfg.slot, s.plugin, s.database, cfg.database
+                        cfg.slot, s.plugin, s.database, cfg.endpoint.database
                     ),
                     fix: "choose another slot name, or drop that slot if it is unused".into(),
                 });
@@ -475,15 +464,15 @@ impl PostgresSource {
         }
 
         let mut rcfg = ReplicationConfig::new(
-            cfg.host.clone(),
-            cfg.user.clone(),
-            cfg.password.clone(),
-            cfg.database.clone(),
+            cfg.endpoint.host.clone(),
+            cfg.endpoint.user.clone(),
+            cfg.endpoint.password.clone(),
+            cfg.endpoint.database.clone(),
             cfg.slot.clone(),
             cfg.publication.clone(),
         )
-        .with_port(cfg.port)
-        .with_tls(cfg.tls.replication())
+        .with_port(cfg.endpoint.port)
+        .with_tls(cfg.endpoint.tls.replication())
         .with_status_interval(cfg.status_interval)
         .with_wakeup_interval(Duration::from_secs(1))
         .with_buffer_size(16 * 1024)
@@ -496,7 +485,7 @@ impl PostgresSource {
         }
         let mut repl = ReplicationClient::connect_gated(rcfg)
             .await
-            .map_err(|e| unreachable(target.clone(), e.to_string(), &cfg.tls))?;
+            .map_err(|e| unreachable(target.clone(), e.to_string(), &cfg.endpoint.tls))?;
 
         let (acked_tx, acked_rx) = watch::channel(if need_slot {
             Lsn(0)
@@ -663,7 +652,7 @@ impl PostgresSource {
                 }
                 _ = self.heartbeat.tick() => {
                     // A hung catalog connection must not stop the stream from being read.
-                    if tokio::time::timeout(self.cfg.connect_timeout, self.write_heartbeat()).await.is_err() {
+                    if tokio::time::timeout(self.cfg.endpoint.connect_timeout, self.write_heartbeat()).await.is_err() {
                         tracing::warn!(source = %self.cfg.name, "heartbeat timed out");
                     }
                 }
