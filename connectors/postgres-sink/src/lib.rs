@@ -224,13 +224,7 @@ CREATE TABLE IF NOT EXISTS bitclone9.sink_positions (
 
 impl PostgresTarget {
     pub async fn connect(cfg: PostgresTargetConfig) -> Result<Self, TargetError> {
-        let client = connect_session(&cfg.endpoint, &format!("bitclone9-sink-{}", cfg.name))
-            .await
-            .map_err(|e| TargetError::Unreachable(e.to_string()))?;
-        client
-            .batch_execute(POSITIONS_DDL)
-            .await
-            .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+        let client = positions_session(&cfg.endpoint, &cfg.name).await?;
         Ok(Self {
             cfg,
             client,
@@ -979,9 +973,8 @@ async fn load_positions(
         .collect()
 }
 
-/// Deletes this sink's positions (all, or one topic's), so the next run applies from wherever
-/// the consumer starts. Returns how many were deleted.
-pub async fn reset_positions(endpoint: &PgEndpoint, sink: &str) -> Result<u64, TargetError> {
+/// A session in the target with the positions table in place, for the `offsets` commands.
+async fn positions_session(endpoint: &PgEndpoint, sink: &str) -> Result<Client, TargetError> {
     let client = connect_session(endpoint, &format!("bitclone9-sink-{sink}"))
         .await
         .map_err(|e| TargetError::Unreachable(e.to_string()))?;
@@ -989,6 +982,13 @@ pub async fn reset_positions(endpoint: &PgEndpoint, sink: &str) -> Result<u64, T
         .batch_execute(POSITIONS_DDL)
         .await
         .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+    Ok(client)
+}
+
+/// Deletes this sink's positions (all, or one topic's), so the next run applies from wherever
+/// the consumer starts. Returns how many were deleted.
+pub async fn reset_positions(endpoint: &PgEndpoint, sink: &str) -> Result<u64, TargetError> {
+    let client = positions_session(endpoint, sink).await?;
     client
         .execute(
             "DELETE FROM bitclone9.sink_positions WHERE sink = $1",
@@ -1005,13 +1005,7 @@ pub async fn set_positions(
     sink: &str,
     applied: &[(String, i32, i64)],
 ) -> Result<(), TargetError> {
-    let client = connect_session(endpoint, &format!("bitclone9-sink-{sink}"))
-        .await
-        .map_err(|e| TargetError::Unreachable(e.to_string()))?;
-    client
-        .batch_execute(POSITIONS_DDL)
-        .await
-        .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+    let client = positions_session(endpoint, sink).await?;
     let topics: Vec<&str> = applied.iter().map(|(t, _, _)| t.as_str()).collect();
     let parts: Vec<i32> = applied.iter().map(|(_, p, _)| *p).collect();
     let offsets: Vec<i64> = applied.iter().map(|(_, _, o)| *o).collect();
