@@ -47,16 +47,7 @@ async fn systemd_notifications_ready_status_watchdog_stopping_in_order() {
     let (db, _) = db_with("notify", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
-    let (socket, messages) = notify_socket();
-    let mut daemon = Daemon::start_with(
-        &cfg,
-        "daemon",
-        &[
-            ("NOTIFY_SOCKET", &socket),
-            ("WATCHDOG_USEC", "1500000"),
-            ("WATCHDOG_PID", "self"),
-        ],
-    );
+    let (mut daemon, messages) = start_under_watchdog(&cfg);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !lines(&messages).iter().any(|l| l == "READY=1") {
         assert!(
@@ -89,6 +80,23 @@ async fn systemd_notifications_ready_status_watchdog_stopping_in_order() {
     let pings = m.iter().filter(|l| *l == "WATCHDOG=1").count();
     assert!(pings >= 3, "watchdog pinged while healthy ({pings}): {m:?}");
     cleanup(&db).await;
+}
+
+/// Starts the daemon as systemd would with `WatchdogSec=1.5s`, listening on a real notify socket.
+fn start_under_watchdog(
+    cfg: &std::path::Path,
+) -> (Daemon, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let (socket, messages) = notify_socket();
+    let daemon = Daemon::start_with(
+        cfg,
+        "daemon",
+        &[
+            ("NOTIFY_SOCKET", &socket),
+            ("WATCHDOG_USEC", "1500000"),
+            ("WATCHDOG_PID", "self"),
+        ],
+    );
+    (daemon, messages)
 }
 
 fn counter(
@@ -560,6 +568,8 @@ async fn pause_and_resume_need_the_token_and_are_audited() {
     let (_, status) = http_get(&addr, "/status", token).await;
     let v: serde_json::Value = serde_json::from_str(&status).expect("json");
     assert_eq!(v["connectors"][&db]["state"], "paused", "{status}");
+    let (code, body) = http_get(&addr, "/readyz", token).await;
+    assert_eq!(code, 200, "a paused connector is not a failing one: {body}");
 
     // While paused nothing is read; after resuming the change arrives.
     client
@@ -626,38 +636,14 @@ async fn a_stuck_connector_stops_the_watchdog_pings() {
     let (db, _) = db_with("notify", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
-    let (socket, messages) = notify_socket();
-    let mut daemon = Daemon::start_with(
-        &cfg,
-        "daemon",
-        &[
-            ("NOTIFY_SOCKET", &socket),
-            ("WATCHDOG_USEC", "1500000"),
-            ("WATCHDOG_PID", "self"),
-        ],
-    );
+    let (mut daemon, messages) = start_under_watchdog(&cfg);
     daemon
         .wait_log("streaming started", Duration::from_secs(60))
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Freeze the server process that streams this slot's WAL: the connector waits on it forever.
-    let pid: i32 = admin()
-        .await
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&format!("bitclone9_{db}")],
-        )
-        .await
-        .expect("slot")
-        .get(0);
-    let signal = |sig: &str| {
-        std::process::Command::new("kill")
-            .arg(sig)
-            .arg(pid.to_string())
-            .status()
-            .expect("kill")
-    };
-    assert!(signal("-STOP").success());
+    let pid = walsender_pid(&format!("bitclone9_{db}")).await;
+    send_signal("-STOP", pid);
     let before = lines(&messages)
         .iter()
         .filter(|l| *l == "WATCHDOG=1")
@@ -668,7 +654,7 @@ async fn a_stuck_connector_stops_the_watchdog_pings() {
         .iter()
         .filter(|l| *l == "WATCHDOG=1")
         .count();
-    assert!(signal("-CONT").success());
+    send_signal("-CONT", pid);
     assert!(
         frozen_log.contains("made no progress within the watchdog interval"),
         "{frozen_log}"
@@ -709,36 +695,21 @@ async fn a_second_signal_exits_at_once_and_loses_nothing() {
         50
     );
     // Freeze the walsender, so the clean stop cannot confirm its final position and waits.
-    let pid: i32 = admin()
-        .await
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&format!("bitclone9_{db}")],
-        )
-        .await
-        .expect("slot")
-        .get(0);
-    let signal = |sig: &str, pid: String| {
-        std::process::Command::new("kill")
-            .arg(sig)
-            .arg(pid)
-            .status()
-            .expect("kill")
-    };
+    let pid = walsender_pid(&format!("bitclone9_{db}")).await;
     client
         .batch_execute("INSERT INTO t SELECT generate_series(51, 100)")
         .await
         .expect("rows");
-    assert!(signal("-STOP", pid.to_string()).success());
-    let daemon_pid = daemon.child.id().to_string();
-    assert!(signal("-TERM", daemon_pid.clone()).success());
+    send_signal("-STOP", pid);
+    let daemon_pid = daemon.child.id();
+    send_signal("-TERM", daemon_pid);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         daemon.is_running(),
         "the clean stop waits for the frozen server"
     );
     let second = std::time::Instant::now();
-    assert!(signal("-TERM", daemon_pid).success());
+    send_signal("-TERM", daemon_pid);
     let mut code = None;
     while second.elapsed() < Duration::from_secs(5) {
         if let Ok(Some(st)) = daemon.child.try_wait() {
@@ -747,7 +718,7 @@ async fn a_second_signal_exits_at_once_and_loses_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(signal("-CONT", pid.to_string()).success());
+    send_signal("-CONT", pid);
     assert_eq!(
         code,
         Some(130),

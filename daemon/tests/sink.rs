@@ -206,6 +206,7 @@ fn start_mixed_load(
                  DELETE FROM items WHERE id % 89 = {m89} AND id > 200;
                  INSERT INTO orders VALUES ('eu', {r}, 'o{r}'), ('us', {r}, 'o{r}');
                  UPDATE orders SET n = n + 100000 WHERE region = 'eu' AND n = {r} - 1;
+                 INSERT INTO orders VALUES ('eu', {r} - 1, 'again');
                  DELETE FROM orders WHERE region = 'us' AND n = {r} - 2;
                  INSERT INTO full_ident VALUES ({r}, 'f') ON CONFLICT (id) DO UPDATE SET v = 'g';
                  UPDATE full_ident SET v = v || 'x' WHERE id = {r} / 2;
@@ -724,6 +725,42 @@ async fn a_key_change_that_keeps_a_toasted_value_is_a_dead_letter_not_a_lost_val
         .map(|r| r.get(0))
         .collect();
     assert!(bodies.is_empty(), "{bodies:?}");
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_at_the_source_is_added_to_the_target() {
+    let cl = Clone::new(
+        "skcolumn",
+        "CREATE TABLE t (id int PRIMARY KEY, v text)",
+        "",
+        "",
+    )
+    .await;
+    cl.src
+        .batch_execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 10) g")
+        .await
+        .expect("rows");
+    let mut daemon = Daemon::start(&cl.config, "column");
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(90)).await;
+    cl.src
+        .batch_execute(
+            "ALTER TABLE t ADD COLUMN w numeric(8,2); UPDATE t SET w = 7.5 WHERE id = 1; INSERT INTO t VALUES (11, 'v11', 9.25)",
+        )
+        .await
+        .expect("new column");
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(90)).await;
+    let ty: String = cl
+        .dst
+        .query_one(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'w'",
+            &[],
+        )
+        .await
+        .expect("the target has the new column")
+        .get(0);
+    assert_eq!(ty, "numeric(8,2)");
     assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }

@@ -713,3 +713,27 @@ pub fn cli(cfg: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Optio
         ),
     )
 }
+
+/// The pid of the server process streaming `slot` (its walsender).
+pub async fn walsender_pid(slot: &str) -> i32 {
+    admin()
+        .await
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("slot")
+        .get(0)
+}
+
+/// Sends `sig` (e.g. "-STOP") to `pid`; asserts it was delivered.
+pub fn send_signal(sig: &str, pid: impl std::fmt::Display) {
+    let ok = Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
