@@ -3,8 +3,10 @@
 //! connector).
 //!
 //! `POST /connectors/NAME/pause` and `POST /connectors/NAME/resume` stop a connector (cleanly:
-//! deliveries finished, checkpoint written) and start it again. They always need the token, and
-//! each is logged as an audit line (`bitclone9::audit`).
+//! deliveries finished, checkpoint written) and start it again.
+//! `POST /connectors/NAME/tables/SCHEMA.TABLE/resync` has a source read one table again (a
+//! fresh snapshot of it, placed exactly in its change stream). Mutating endpoints always need
+//! the token, and each call is logged as an audit line (`bitclone9::audit`).
 //!
 //! With a token configured, every path but `/healthz` needs `Authorization: Bearer <token>`;
 //! the configuration refuses a non-loopback address without one.
@@ -31,10 +33,28 @@ struct AdminState {
 }
 
 /// What an operator asks of a connector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminAction {
     Pause,
     Resume,
+    /// Read this table of a source again.
+    Resync(bitclone9_core::TableId),
+}
+
+impl AdminAction {
+    fn verb(&self) -> &'static str {
+        match self {
+            AdminAction::Pause => "pause",
+            AdminAction::Resume => "resume",
+            AdminAction::Resync(_) => "resync",
+        }
+    }
+}
+
+/// Reads `schema.table` (a bare name means schema `public`).
+pub fn parse_table(text: &str) -> Option<bitclone9_core::TableId> {
+    let (schema, name) = text.split_once('.').unwrap_or(("public", text));
+    (!schema.is_empty() && !name.is_empty()).then(|| bitclone9_core::TableId::new(schema, name))
 }
 
 /// An action for the daemon's main loop, which owns the running connectors.
@@ -67,6 +87,7 @@ pub async fn serve(
         .route("/status", get(status_json))
         .route("/connectors/{name}/pause", post(pause))
         .route("/connectors/{name}/resume", post(resume))
+        .route("/connectors/{name}/tables/{table}/resync", post(resync))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
@@ -135,18 +156,31 @@ async fn resume(state: State<AdminState>, name: Path<String>) -> Response {
     act(state, name, AdminAction::Resume).await
 }
 
+async fn resync(state: State<AdminState>, Path((name, table)): Path<(String, String)>) -> Response {
+    let Some(table) = parse_table(&table) else {
+        tracing::warn!(target: "bitclone9::audit", action = "resync", connector = %name, table = %table, result = "refused: bad table name", "admin action");
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"connector": name, "error": format!("{table:?} is not a table name: write schema.table")})),
+        )
+            .into_response();
+    };
+    act(state, Path(name), AdminAction::Resync(table)).await
+}
+
 /// Runs a mutating action through the main loop and writes the audit line.
 async fn act(
     State(state): State<AdminState>,
     Path(name): Path<String>,
     action: AdminAction,
 ) -> Response {
-    let verb = match action {
-        AdminAction::Pause => "pause",
-        AdminAction::Resume => "resume",
+    let verb = action.verb();
+    let table = match &action {
+        AdminAction::Resync(t) => t.to_string(),
+        _ => String::new(),
     };
     if state.token.is_none() {
-        tracing::warn!(target: "bitclone9::audit", action = verb, connector = %name, result = "refused: no admin.token configured", "admin action");
+        tracing::warn!(target: "bitclone9::audit", action = verb, connector = %name, table = %table, result = "refused: no admin.token configured", "admin action");
         return (
             StatusCode::FORBIDDEN,
             "mutating admin endpoints need admin.token to be set\n",
@@ -170,11 +204,11 @@ async fn act(
     };
     match result {
         Ok(done) => {
-            tracing::info!(target: "bitclone9::audit", action = verb, connector = %name, result = %done, "admin action");
+            tracing::info!(target: "bitclone9::audit", action = verb, connector = %name, table = %table, result = %done, "admin action");
             Json(serde_json::json!({"connector": name, "result": done})).into_response()
         }
         Err((code, why)) => {
-            tracing::warn!(target: "bitclone9::audit", action = verb, connector = %name, result = %why, "admin action");
+            tracing::warn!(target: "bitclone9::audit", action = verb, connector = %name, table = %table, result = %why, "admin action");
             (
                 StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 Json(serde_json::json!({"connector": name, "error": why})),

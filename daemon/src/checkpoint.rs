@@ -3,7 +3,7 @@
 //! Positions only ever move forward: a write of a lower LSN than the stored one is ignored, so
 //! a late or replayed acknowledgement can never move a source back.
 
-use bitclone9_core::Lsn;
+use bitclone9_core::{Lsn, TableId};
 use bitclone9_postgres_source::ResumeState;
 use std::path::{Path, PathBuf};
 
@@ -26,6 +26,9 @@ fn lsn_key(source: &str) -> String {
 }
 fn snapshot_key(source: &str) -> String {
     format!("source/{source}/snapshot_done")
+}
+fn resync_key(source: &str) -> String {
+    format!("source/{source}/resync")
 }
 
 impl CheckpointStore {
@@ -196,7 +199,59 @@ impl CheckpointStore {
         Ok(ResumeState {
             lsn: self.get_lsn(&lsn_key(source))?,
             snapshot_done: self.get_lsn(&snapshot_key(source))?.is_some(),
+            resync: self.pending_resyncs(source)?,
         })
+    }
+
+    /// The tables of `source` whose resync was asked for and not yet delivered.
+    pub fn pending_resyncs(&self, source: &str) -> Result<Vec<TableId>, CheckpointError> {
+        let key = resync_key(source);
+        let Some(bytes) = self.db.get(&key)? else {
+            return Ok(Vec::new());
+        };
+        let pairs: Vec<(String, String)> =
+            serde_json::from_slice(&bytes).map_err(|_| CheckpointError::Corrupt(key))?;
+        Ok(pairs
+            .into_iter()
+            .map(|(schema, name)| TableId::new(schema, name))
+            .collect())
+    }
+
+    fn put_resyncs(&self, source: &str, tables: &[TableId]) -> Result<(), CheckpointError> {
+        let key = resync_key(source);
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        if tables.is_empty() {
+            self.db.delete_opt(&key, &w)?;
+        } else {
+            let pairs: Vec<(&str, &str)> = tables
+                .iter()
+                .map(|t| (t.schema.as_str(), t.name.as_str()))
+                .collect();
+            let bytes =
+                serde_json::to_vec(&pairs).map_err(|_| CheckpointError::Corrupt(key.clone()))?;
+            self.db.put_opt(&key, bytes, &w)?;
+        }
+        Ok(())
+    }
+
+    /// Records (durably) that `table` of `source` is to be read again; the request survives a
+    /// crash until the resync is delivered. Returns false when it was already pending.
+    pub fn request_resync(&self, source: &str, table: &TableId) -> Result<bool, CheckpointError> {
+        let mut tables = self.pending_resyncs(source)?;
+        if tables.contains(table) {
+            return Ok(false);
+        }
+        tables.push(table.clone());
+        self.put_resyncs(source, &tables)?;
+        Ok(true)
+    }
+
+    /// Forgets the resync requests of `done` (delivered); later requests stay.
+    pub fn finish_resyncs(&self, source: &str, done: &[TableId]) -> Result<(), CheckpointError> {
+        let mut tables = self.pending_resyncs(source)?;
+        tables.retain(|t| !done.contains(t));
+        self.put_resyncs(source, &tables)
     }
 
     /// Stores the source's confirmed position if it is ahead of the stored one.

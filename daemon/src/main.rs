@@ -316,7 +316,42 @@ async fn admin_action(
     if started_from(name, cfg).is_none() {
         return Err((404, format!("no connector named {name:?}")));
     }
-    match cmd.action {
+    match &cmd.action {
+        AdminAction::Resync(table) => {
+            let Some(source) = cfg.sources.get(name) else {
+                return Err((400, format!("{name} is a sink: resync reads a source's table again (to apply a topic again, stop the daemon and use `bitclone9 offsets reset`)")));
+            };
+            let captured =
+                bitclone9_postgres_source::check(&bitclone9::source_settings(name, source))
+                    .await
+                    .map_err(|e| (503, format!("cannot read the source's tables: {e}")))?;
+            if !captured.contains(table) {
+                return Err((404, format!("table {table} is not captured by source {name} (see its include/exclude and the database's tables)")));
+            }
+            let new = store
+                .request_resync(name, table)
+                .map_err(|e| (500, format!("cannot record the resync: {e}")))?;
+            if paused.contains(name) {
+                return Ok(format!(
+                    "resync of {table} recorded: it runs when {name} resumes"
+                ));
+            }
+            if !new && running.contains_key(name) {
+                // Already pending: the running connector is reading it, or will at its next start.
+                return Ok(format!("resync of {table} already pending"));
+            }
+            // The connector reads pending resyncs when it starts: restart it cleanly.
+            if let Some(r) = running.remove(name) {
+                let _ = r.stop.send(true);
+                let _ = r.task.await;
+            }
+            if let Some(r) = start_pipeline(name, cfg, store, status) {
+                running.insert(name.clone(), r);
+            }
+            Ok(format!(
+                "resync of {table} started: /status shows its progress"
+            ))
+        }
         AdminAction::Pause => {
             if paused.contains(name) {
                 return Ok("already paused".into());

@@ -63,6 +63,7 @@ enum AckItem {
     /// Everything before this is in the WAL up to `lsn`: confirm once delivered.
     Position(Lsn),
     SnapshotDone(Lsn),
+    ResyncDone(Vec<bitclone9_core::TableId>),
 }
 
 /// Adds `deliveries` to the batch, after the last item if that is deliveries too.
@@ -289,6 +290,10 @@ async fn run_once(
                     push_deliveries(&mut items, &mut deliveries);
                     items.push(AckItem::SnapshotDone(consistent_point));
                 }
+                SourceEvent::ResyncDone { tables } => {
+                    push_deliveries(&mut items, &mut deliveries);
+                    items.push(AckItem::ResyncDone(tables));
+                }
             }
         }
         push_deliveries(&mut items, &mut deliveries);
@@ -417,6 +422,11 @@ async fn acker(
                 AckItem::SnapshotDone(lsn) => {
                     store.mark_snapshot_done(&name, lsn)?;
                     tracing::info!(connector = %name, lsn = %lsn, "snapshot delivered and recorded");
+                }
+                AckItem::ResyncDone(tables) => {
+                    store.finish_resyncs(&name, &tables)?;
+                    let names: Vec<String> = tables.iter().map(ToString::to_string).collect();
+                    tracing::info!(connector = %name, tables = %names.join(", "), "resync delivered");
                 }
             }
         }

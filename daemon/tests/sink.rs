@@ -764,3 +764,177 @@ async fn a_column_added_at_the_source_is_added_to_the_target() {
     assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }
+
+/// The number of records in every partition of `topic` (sum of high watermarks).
+fn topic_records(topic: &str) -> i64 {
+    let s = stack();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &s.bootstrap)
+        .set("group.id", unique("bc9count"))
+        .create()
+        .expect("consumer");
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions = meta.topics()[0].partitions().len() as i32;
+    (0..partitions)
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            high - low
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_a_table_repairs_the_target_while_changes_keep_flowing() {
+    let cl = Clone::with_partitions(
+        "skresync",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         CREATE TABLE other (id int PRIMARY KEY);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3000) g;
+         INSERT INTO other SELECT generate_series(1, 50);",
+        "",
+        "",
+        3,
+    )
+    .await;
+    let text = std::fs::read_to_string(&cl.config)
+        .expect("read")
+        .replace("[admin]", "[admin]\ntoken = \"resync-token\"");
+    std::fs::write(&cl.config, text).expect("write");
+    let token = Some("resync-token");
+    let db = cl.spec.db.clone();
+    let tables = [("t", "id"), ("other", "id")];
+    let mut daemon = Daemon::start(&cl.config, "resync");
+    let addr = admin_addr(&mut daemon).await;
+    wait_equal(&cl, &tables, Duration::from_secs(90)).await;
+    let other_records = topic_records(&cl.spec.topic("other"));
+
+    // Damage behind the sink's back: lost, changed and extra rows.
+    cl.dst
+        .batch_execute(
+            "DELETE FROM t WHERE id % 10 = 0;
+             UPDATE t SET v = 'tampered' WHERE id % 7 = 0;
+             INSERT INTO t SELECT g, 'ghost' FROM generate_series(100001, 100010) g;",
+        )
+        .await
+        .expect("tamper");
+
+    // Refusals: no token, a sink, a table the source does not capture, a bad name.
+    let resync_t = format!("/connectors/{db}/tables/public.t/resync");
+    let (code, _) = http_request(&addr, "POST", &resync_t, None).await;
+    assert_eq!(code, 401, "resync needs the token");
+    let (code, body) = http_request(
+        &addr,
+        "POST",
+        &format!("/connectors/{}/tables/public.t/resync", cl.sink()),
+        token,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("is a sink"), "{body}");
+    let (code, body) = http_request(
+        &addr,
+        "POST",
+        &format!("/connectors/{db}/tables/public.nope/resync"),
+        token,
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("public.nope is not captured"), "{body}");
+    let (code, body) = http_request(
+        &addr,
+        "POST",
+        &format!("/connectors/{db}/tables/.t/resync"),
+        token,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+
+    // Changes keep coming while the table is read again: each must land in order with it.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let s = stack();
+            let c = connect(&db, &s.pg_user, &s.pg_password).await;
+            let mut round = 0i64;
+            while !*stop_rx.borrow() {
+                round += 1;
+                c.batch_execute(&format!(
+                    "BEGIN;
+                     UPDATE t SET v = 'load {round}' WHERE id % 50 = {m};
+                     INSERT INTO t VALUES (5000 + {round}, 'new');
+                     DELETE FROM t WHERE id = 4000 + {round};
+                     INSERT INTO t VALUES (4000 + {round} + 1, 'later deleted');
+                     COMMIT;",
+                    m = round % 50
+                ))
+                .await
+                .expect("load");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, body) = http_request(&addr, "POST", &resync_t, token).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("resync of public.t started"), "{body}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_tx.send(true).expect("stop load");
+    load.await.expect("load task");
+    wait_equal(&cl, &tables, Duration::from_secs(90)).await;
+    daemon
+        .wait_log("resync delivered", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        topic_records(&cl.spec.topic("other")),
+        other_records,
+        "only the asked table is read again"
+    );
+    let temp_slots: i64 = admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = $1 AND slot_name LIKE '%\\_resync'",
+            &[&db],
+        )
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(temp_slots, 0, "the resync's temporary slot is gone");
+    let (_, metrics) = http_get(&addr, "/metrics", token).await;
+    let m = parse_prometheus(&metrics);
+    assert_eq!(
+        m.get(&format!(
+            "bitclone9_source_resyncs_total{{connector=\"{db}\"}}"
+        )),
+        Some(&1.0),
+        "{metrics}"
+    );
+
+    // A resync asked for while the source is paused is kept and runs when it resumes.
+    let (code, body) = http_request(&addr, "POST", &format!("/connectors/{db}/pause"), token).await;
+    assert_eq!(code, 200, "{body}");
+    cl.dst
+        .batch_execute("DELETE FROM t WHERE id < 100")
+        .await
+        .expect("tamper again");
+    let (code, body) = http_request(&addr, "POST", &resync_t, token).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("runs when"), "{body}");
+    let (code, body) =
+        http_request(&addr, "POST", &format!("/connectors/{db}/resume"), token).await;
+    assert_eq!(code, 200, "{body}");
+    wait_equal(&cl, &tables, Duration::from_secs(90)).await;
+    let log = daemon.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("bitclone9::audit")
+            && l.contains("action=\"resync\"")
+            && l.contains("table=public.t")),
+        "audit line for the resync:\n{log}"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.cleanup().await;
+}

@@ -155,12 +155,14 @@ pub struct PostgresSourceConfig {
 }
 
 /// What the daemon remembers of this source between runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResumeState {
     /// End LSN of the last transaction Kafka acknowledged.
     pub lsn: Option<Lsn>,
     /// The initial snapshot was delivered completely.
     pub snapshot_done: bool,
+    /// Tables to read again before streaming resumes (asked for by an operator).
+    pub resync: Vec<TableId>,
 }
 
 /// A failure of the source. [`SourceError::is_transient`] tells whether retrying may help.
@@ -231,6 +233,11 @@ pub enum SourceEvent {
     SnapshotDone {
         consistent_point: Lsn,
     },
+    /// Every row of these tables was handed over again (a resync, or an initial snapshot that
+    /// covered a pending resync).
+    ResyncDone {
+        tables: Vec<TableId>,
+    },
 }
 
 /// Confirms to the slot what Kafka has acknowledged.
@@ -262,6 +269,11 @@ struct SnapshotState {
     started_us: i64,
     /// The last row read, held back so the very last one can be marked as such.
     held: Option<Change>,
+    /// The resync requests this snapshot answers.
+    resync: Vec<TableId>,
+    /// A resync's snapshot comes from a temporary slot, not the source's own: streaming then
+    /// resumes where it was, and no snapshot is recorded as done.
+    resync_only: bool,
 }
 
 enum Phase {
@@ -463,21 +475,7 @@ impl PostgresSource {
                 if cfg.snapshot == SnapshotMode::Initial { " and re-snapshotting" } else { "; changes made while it was missing are NOT captured (snapshot = \"never\")" });
         }
 
-        let mut rcfg = ReplicationConfig::new(
-            cfg.endpoint.host.clone(),
-            cfg.endpoint.user.clone(),
-            cfg.endpoint.password.clone(),
-            cfg.endpoint.database.clone(),
-            cfg.slot.clone(),
-            cfg.publication.clone(),
-        )
-        .with_port(cfg.endpoint.port)
-        .with_tls(cfg.endpoint.tls.replication())
-        .with_status_interval(cfg.status_interval)
-        .with_wakeup_interval(Duration::from_secs(1))
-        .with_buffer_size(16 * 1024)
-        .with_options(session_options())
-        .with_application_name(format!("bitclone9-{}", cfg.name));
+        let mut rcfg = replication_config(&cfg, &cfg.slot);
         if !need_slot {
             if let Some(lsn) = resume.lsn {
                 rcfg = rcfg.with_start_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
@@ -567,8 +565,16 @@ impl PostgresSource {
                     consistent_point,
                     started_us: now_us(),
                     held: None,
+                    // Every table is read again: pending resyncs are answered too.
+                    resync: resume.resync.clone(),
+                    resync_only: false,
                 }));
             }
+        }
+        if matches!(phase, Phase::Streaming) && !resume.resync.is_empty() {
+            phase = Phase::Snapshot(Box::new(
+                begin_resync(&cfg, &sql, &published, &mut known_types, &resume.resync).await?,
+            ));
         }
         let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -991,12 +997,19 @@ impl PostgresSource {
             out.push(SourceEvent::Change(last));
         }
         let consistent_point = state.consistent_point;
+        let resync = std::mem::take(&mut state.resync);
+        let resync_only = state.resync_only;
         self.sql
             .batch_execute("COMMIT")
             .await
             .map_err(|e| SourceError::from_postgres("ending the snapshot transaction", e))?;
         self.phase = Phase::Streaming;
-        out.push(SourceEvent::SnapshotDone { consistent_point });
+        if !resync_only {
+            out.push(SourceEvent::SnapshotDone { consistent_point });
+        }
+        if !resync.is_empty() {
+            out.push(SourceEvent::ResyncDone { tables: resync });
+        }
         self.start_stream().await
     }
 
@@ -1035,6 +1048,114 @@ impl PostgresSource {
             }
         }
     }
+}
+
+/// The replication session settings of `cfg`, for the slot `slot`.
+fn replication_config(cfg: &PostgresSourceConfig, slot: &str) -> ReplicationConfig {
+    ReplicationConfig::new(
+        cfg.endpoint.host.clone(),
+        cfg.endpoint.user.clone(),
+        cfg.endpoint.password.clone(),
+        cfg.endpoint.database.clone(),
+        slot.to_string(),
+        cfg.publication.clone(),
+    )
+    .with_port(cfg.endpoint.port)
+    .with_tls(cfg.endpoint.tls.replication())
+    .with_status_interval(cfg.status_interval)
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_buffer_size(16 * 1024)
+    .with_options(session_options())
+    .with_application_name(format!("bitclone9-{}", cfg.name))
+}
+
+/// Prepares the snapshot that reads `requested` tables again while the source's own slot
+/// waits where it was.
+///
+/// The rows must fit into the change stream exactly: a temporary slot created now exports a
+/// snapshot that holds every transaction committed before its consistent point `P`, and
+/// none after. The rows (and the truncate that opens each table) are stamped with `P`, so
+/// consumers that compare positions drop the older changes the stream replays afterwards
+/// (they are in the rows) and apply the later ones. The slot only lives for the import.
+async fn begin_resync(
+    cfg: &PostgresSourceConfig,
+    sql: &tokio_postgres::Client,
+    published: &[TableId],
+    known_types: &mut HashMap<u32, types::PgType>,
+    requested: &[TableId],
+) -> Result<SnapshotState, SourceError> {
+    let (tables, gone): (Vec<TableId>, Vec<TableId>) = requested
+        .iter()
+        .cloned()
+        .partition(|t| published.contains(t));
+    for t in &gone {
+        tracing::warn!(source = %cfg.name, table = %t, "resync skipped: the table is not captured by this source (any more)");
+    }
+    let mut state = SnapshotState {
+        tables: VecDeque::new(),
+        current: None,
+        partial: BytesMut::new(),
+        seq: 0,
+        consistent_point: Lsn(0),
+        started_us: now_us(),
+        held: None,
+        resync: requested.to_vec(),
+        resync_only: true,
+    };
+    let mut slot: String = cfg.slot.chars().take(56).collect();
+    slot.push_str("_resync");
+    let target = format!(
+        "{}:{} (database {})",
+        cfg.endpoint.host, cfg.endpoint.port, cfg.endpoint.database
+    );
+    let mut repl = ReplicationClient::connect_gated(replication_config(cfg, &slot))
+        .await
+        .map_err(|e| unreachable(target, e.to_string(), &cfg.endpoint.tls))?;
+    let rows = repl
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+            catalog::quote_ident(&slot)
+        ))
+        .await
+        .map_err(|e| match e {
+            pgwire_replication::PgWireError::Server(msg) => SourceError::Misconfigured {
+                problem: format!("cannot create the temporary slot '{slot}' a resync reads from: {msg}"),
+                fix: "a resync needs one free replication slot and walsender (max_replication_slots, max_wal_senders)".into(),
+            },
+            e => stream_err("creating the resync's temporary slot", e),
+        })?;
+    let row = rows
+        .first()
+        .ok_or_else(|| SourceError::Stream("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let text = |i: usize| {
+        row.get(i)
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    state.consistent_point = text(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+        SourceError::Stream("CREATE_REPLICATION_SLOT returned no consistent point".into())
+    })?;
+    let snapshot_name = text(2).ok_or_else(|| {
+        SourceError::Stream("CREATE_REPLICATION_SLOT exported no snapshot".into())
+    })?;
+    sql.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        catalog::quote_literal(&snapshot_name)
+    ))
+    .await
+    .map_err(|e| SourceError::from_postgres("importing the resync's snapshot", e))?;
+    // The importing transaction now holds the snapshot: the temporary slot can go.
+    drop(repl);
+    for t in &tables {
+        state
+            .tables
+            .push_back(Arc::new(catalog::table_schema(sql, known_types, t).await?));
+    }
+    let names: Vec<String> = tables.iter().map(ToString::to_string).collect();
+    tracing::info!(source = %cfg.name, tables = %names.join(", "), lsn = %state.consistent_point, "resync: reading tables again");
+    metrics::counter!("bitclone9_source_resyncs_total", "connector" => cfg.name.clone())
+        .increment(tables.len() as u64);
+    Ok(state)
 }
 
 fn stream_err(what: &str, e: pgwire_replication::PgWireError) -> SourceError {
