@@ -14,6 +14,9 @@ export BC9_KAFKA_PORT="${BC9_KAFKA_PORT:-9092}"
 export BC9_KAFKA_CONTROLLER_PORT="${BC9_KAFKA_CONTROLLER_PORT:-$((BC9_KAFKA_PORT + 1))}"
 export BC9_REGISTRY_PORT="${BC9_REGISTRY_PORT:-8081}"
 export BC9_REGISTRY_MGMT_PORT="${BC9_REGISTRY_MGMT_PORT:-$((BC9_REGISTRY_PORT + 920))}"
+# TLS listeners with authentication, for clients configured like production ones.
+export BC9_KAFKA_SECURE_PORT="${BC9_KAFKA_SECURE_PORT:-$((BC9_KAFKA_PORT + 2))}"
+export BC9_REGISTRY_SECURE_PORT="${BC9_REGISTRY_SECURE_PORT:-$((BC9_REGISTRY_PORT + 362))}"
 
 # What the stack gives its users (tests, quickstart, benchmarks).
 export BC9_PG_SUPERUSER=postgres
@@ -22,6 +25,15 @@ export BC9_PG_USER=bitclone9
 export BC9_PG_PASSWORD="${BC9_PG_PASSWORD:-bitclone9}"
 export BC9_KAFKA_BOOTSTRAP="127.0.0.1:${BC9_KAFKA_PORT}"
 export BC9_REGISTRY_URL="http://127.0.0.1:${BC9_REGISTRY_PORT}/apis/ccompat/v7"
+# The SASL_SSL listener (SCRAM-SHA-512 or PLAIN) and the HTTPS registry with basic auth, both
+# with certificates signed by the stack's own CA.
+export BC9_TLS_CA="$BC9_STACK_DIR/tls/ca.pem"
+export BC9_KAFKA_SECURE_BOOTSTRAP="127.0.0.1:${BC9_KAFKA_SECURE_PORT}"
+export BC9_KAFKA_SASL_USER=bitclone9
+export BC9_KAFKA_SASL_PASSWORD="${BC9_KAFKA_SASL_PASSWORD:-bitclone9-kafka-secret}"
+export BC9_REGISTRY_SECURE_URL="https://localhost:${BC9_REGISTRY_SECURE_PORT}/apis/ccompat/v7"
+export BC9_REGISTRY_USER=bitclone9
+export BC9_REGISTRY_PASSWORD="${BC9_REGISTRY_PASSWORD:-bitclone9-registry-secret}"
 
 KAFKA_VERSION=4.1.1
 APICURIO_VERSION=3.3.3

@@ -119,6 +119,66 @@ pub struct KafkaConfig {
     pub producer: BTreeMap<String, String>,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// TLS towards the brokers (`[kafka.tls]`); present = on.
+    pub tls: Option<TlsConfig>,
+    /// SASL login towards the brokers (`[kafka.sasl]`).
+    pub sasl: Option<SaslConfig>,
+    /// Login and TLS towards the schema registry (`[kafka.schema_registry]`).
+    #[serde(default)]
+    pub schema_registry: RegistryConfig,
+}
+
+/// PEM files for TLS towards Kafka or the registry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The CA that signed the servers' certificates; the system's roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key, for servers that ask for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The key's password when it is encrypted (Kafka only).
+    pub key_password: Option<String>,
+    #[serde(default = "yes")]
+    pub verify_hostname: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SaslConfig {
+    pub mechanism: SaslMechanism,
+    pub username: String,
+    pub password: String,
+}
+
+/// How to log into the schema registry: basic auth (`username`/`password`) or a bearer `token`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_request_timeout() -> Duration {
@@ -401,6 +461,52 @@ impl Config {
         Ok(config)
     }
 
+    /// TLS files that are not there, half a client certificate, half a login.
+    fn check_kafka_security(&self) -> Result<(), (String, String)> {
+        let k = &self.kafka;
+        if let Some(tls) = &k.tls {
+            check_tls_files(tls, "kafka.tls")?;
+        }
+        if let Some(sasl) = &k.sasl {
+            if sasl.username.is_empty() || sasl.password.is_empty() {
+                return Err((
+                    "kafka.sasl".into(),
+                    "a SASL login needs a non-empty username and password".into(),
+                ));
+            }
+        }
+        let r = &k.schema_registry;
+        if r.token.is_some() && (r.username.is_some() || r.password.is_some()) {
+            return Err((
+                "kafka.schema_registry.token".into(),
+                "give either a bearer token or a username and password, not both".into(),
+            ));
+        }
+        if r.username.is_some() != r.password.is_some() {
+            return Err((
+                "kafka.schema_registry".into(),
+                "basic auth needs both username and password".into(),
+            ));
+        }
+        if let Some(tls) = &r.tls {
+            let at = "kafka.schema_registry.tls";
+            check_tls_files(tls, at)?;
+            if tls.key_password.is_some() {
+                return Err((format!("{at}.key_password"), "the registry's client key must be an unencrypted PKCS#8 PEM file; key_password is for Kafka only".into()));
+            }
+            if !k.schema_registry_url.starts_with("https://") {
+                return Err((
+                    at.into(),
+                    format!(
+                        "TLS settings need an https:// schema_registry_url, got {:?}",
+                        k.schema_registry_url
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Value checks serde cannot express.
     fn check(&self) -> Result<(), (String, String)> {
         let name_ok = |s: &str, extra: &[char]| {
@@ -436,6 +542,7 @@ impl Config {
                 ),
             ));
         }
+        self.check_kafka_security()?;
         for (name, s) in &self.sources {
             let at = |key: &str| format!("sources.{name}.{key}");
             if !name_ok(name, &['-']) {
@@ -663,8 +770,42 @@ fn check_connection(c: &PgConnection, at: &dyn Fn(&str) -> String) -> Result<(),
     Ok(())
 }
 
+/// The PEM files of a TLS section must exist; a client certificate needs its key.
+fn check_tls_files(tls: &TlsConfig, at: &str) -> Result<(), (String, String)> {
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        return Err((
+            format!(
+                "{at}.{}",
+                if tls.cert_file.is_some() {
+                    "key_file"
+                } else {
+                    "cert_file"
+                }
+            ),
+            "cert_file and key_file go together: give both or neither".into(),
+        ));
+    }
+    for (key, path) in [
+        ("ca_file", &tls.ca_file),
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+    ] {
+        if let Some(p) = path.as_ref().filter(|p| !p.is_file()) {
+            return Err((
+                format!("{at}.{key}"),
+                format!(
+                    "expected a readable PEM file, but {} does not exist",
+                    p.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Warns when `file` can be read by every user and writes a secret in clear (rather than as
-/// `${VAR}`): `sources.*.password`, `admin.token`, or a producer setting named like a password.
+/// `${VAR}`): `sources.*.password`, `sinks.*.password`, `admin.token`, Kafka and registry
+/// passwords and tokens, or a producer setting named like a password.
 fn world_readable_secrets(file: &Path, text: &str) -> Vec<String> {
     use std::os::unix::fs::PermissionsExt;
     let readable_by_all =
@@ -697,6 +838,23 @@ fn world_readable_secrets(file: &Path, text: &str) -> Vec<String> {
     if literal(value.get("admin").and_then(|a| a.get("token"))) {
         keys.push("admin.token".into());
     }
+    let at = |path: &[&str]| {
+        let (first, rest) = path.split_first()?;
+        rest.iter()
+            .try_fold(value.get(*first)?, |v, k| v.get(*k))
+            .filter(|v| literal(Some(v)))
+            .map(|_| path.join("."))
+    };
+    keys.extend(
+        [
+            &["kafka", "sasl", "password"][..],
+            &["kafka", "tls", "key_password"],
+            &["kafka", "schema_registry", "password"],
+            &["kafka", "schema_registry", "token"],
+        ]
+        .into_iter()
+        .filter_map(at),
+    );
     if let Some(p) = value
         .get("kafka")
         .and_then(|k| k.get("producer"))
@@ -833,6 +991,87 @@ database = "shop"
             Err(ConfigError::Invalid { path, message, .. }) => (path, message),
             other => panic!("expected an invalid-config error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn kafka_and_registry_security_sections_are_checked() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "schema_registry_url = \"http://127.0.0.1:8081/apis/ccompat/v7\"",
+                &format!(
+                    "schema_registry_url = \"https://registry:8443/apis/ccompat/v7\"\n{extra}"
+                ),
+            )
+        };
+        let good = with(
+            "[kafka.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = \"u\"\npassword = \"${PGPASS}\"\n[kafka.schema_registry]\ntoken = \"${PGPASS}\"",
+        );
+        let c = parse(&good).expect("valid");
+        assert_eq!(
+            c.kafka.sasl.as_ref().map(|s| s.mechanism),
+            Some(SaslMechanism::ScramSha512)
+        );
+        assert_eq!(c.kafka.schema_registry.token.as_deref(), Some("s3cret"));
+
+        let err = |extra: &str| -> String {
+            match parse(&with(extra)) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("accepted: {extra}"),
+            }
+        };
+        let e = err("[kafka.sasl]\nmechanism = \"GSSAPI\"\nusername = \"u\"\npassword = \"p\"");
+        assert!(
+            e.contains("kafka.sasl.mechanism") && e.contains("SCRAM-SHA-512"),
+            "{e}"
+        );
+        let e = err("[kafka.tls]\nca_file = \"/nonexistent/ca.pem\"");
+        assert!(
+            e.contains("kafka.tls.ca_file") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = err("[kafka.tls]\ncert_file = \"/etc/hostname\"");
+        assert!(
+            e.contains("kafka.tls.key_file") && e.contains("go together"),
+            "{e}"
+        );
+        let e = err("[kafka.schema_registry]\nusername = \"u\"\npassword = \"p\"\ntoken = \"t\"");
+        assert!(e.contains("kafka.schema_registry.token"), "{e}");
+        let e = err("[kafka.schema_registry]\nusername = \"u\"");
+        assert!(e.contains("needs both username and password"), "{e}");
+        let e = err("[kafka.schema_registry.tls]\nkey_password = \"p\"");
+        assert!(e.contains("kafka.schema_registry.tls.key_password"), "{e}");
+        let plain = GOOD.replace(
+            "schema_registry_url = \"http://127.0.0.1:8081/apis/ccompat/v7\"",
+            "schema_registry_url = \"http://127.0.0.1:8081/apis/ccompat/v7\"\n[kafka.schema_registry.tls]\nverify_hostname = false",
+        );
+        let (path, msg) = invalid(&plain);
+        assert_eq!(path, "kafka.schema_registry.tls");
+        assert!(msg.contains("https://"), "{msg}");
+    }
+
+    #[test]
+    fn clear_kafka_and_registry_secrets_in_a_world_readable_file_are_flagged_by_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("bc9-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        let text = "[kafka]\n[kafka.sasl]\npassword = \"clear-one\"\n[kafka.schema_registry]\ntoken = \"clear-two\"\npassword = \"${FROM_ENV}\"\n";
+        std::fs::write(&file, text).expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let warnings = world_readable_secrets(&file, text).join("\n");
+        assert!(warnings.contains("`kafka.sasl.password`"), "{warnings}");
+        assert!(
+            warnings.contains("`kafka.schema_registry.token`"),
+            "{warnings}"
+        );
+        assert!(!warnings.contains("schema_registry.password"), "{warnings}");
+        assert!(
+            !warnings.contains("clear-one") && !warnings.contains("clear-two"),
+            "{warnings}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(world_readable_secrets(&file, text).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -92,6 +92,38 @@ pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         request_timeout: cfg.kafka.request_timeout,
+        security: bitclone9_kafka::KafkaSecurity {
+            tls: cfg.kafka.tls.as_ref().map(tls_files),
+            sasl: cfg.kafka.sasl.as_ref().map(|s| bitclone9_kafka::SaslLogin {
+                mechanism: s.mechanism.name().to_string(),
+                username: s.username.clone(),
+                password: s.password.clone(),
+            }),
+        },
+        registry_access: {
+            let r = &cfg.kafka.schema_registry;
+            bitclone9_kafka::RegistryAccess {
+                auth: match (&r.username, &r.password, &r.token) {
+                    (Some(username), Some(password), _) => bitclone9_kafka::RegistryAuth::Basic {
+                        username: username.clone(),
+                        password: password.clone(),
+                    },
+                    (_, _, Some(token)) => bitclone9_kafka::RegistryAuth::Bearer(token.clone()),
+                    _ => bitclone9_kafka::RegistryAuth::None,
+                },
+                tls: r.tls.as_ref().map(tls_files),
+            }
+        },
+    }
+}
+
+fn tls_files(t: &crate::config::TlsConfig) -> bitclone9_kafka::TlsFiles {
+    bitclone9_kafka::TlsFiles {
+        ca_file: t.ca_file.clone(),
+        cert_file: t.cert_file.clone(),
+        key_file: t.key_file.clone(),
+        key_password: t.key_password.clone(),
+        verify_hostname: t.verify_hostname,
     }
 }
 

@@ -760,11 +760,14 @@ async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
     }
     let mut failed = false;
     let kafka = bitclone9::kafka_settings(&cfg);
-    let producer: rdkafka::producer::FutureProducer = bitclone9_kafka::producer_config(&kafka)
-        .create()
-        .context("creating the Kafka client")?;
-    match bitclone9_kafka::ping_kafka(&producer, &kafka.bootstrap_servers, kafka.request_timeout)
-        .await
+    let (producer, context) = kafka.producer().context("creating the Kafka client")?;
+    match bitclone9_kafka::ping_kafka(
+        &producer,
+        &context,
+        &kafka.bootstrap_servers,
+        kafka.request_timeout,
+    )
+    .await
     {
         Ok(n) => println!("kafka {}: ok ({n} broker(s))", kafka.bootstrap_servers),
         Err(e) => {
@@ -772,7 +775,7 @@ async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
             println!("kafka {}: FAILED: {e}", kafka.bootstrap_servers)
         }
     }
-    let registry = bitclone9_kafka::Registry::new(&kafka.registry_url, kafka.request_timeout)?;
+    let registry = kafka.registry()?;
     match registry.ping().await {
         Ok(n) => println!(
             "schema registry {}: ok ({n} subject(s))",
@@ -1122,11 +1125,9 @@ async fn offsets_command(cfg: Config, action: OffsetsAction) -> anyhow::Result<E
                     println!("{sink}: {t}[{p}] resumes at offset {o}");
                 }
             }
-            let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-                rdkafka::ClientConfig::new()
-                    .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
-                    .create()
-                    .context("creating the Kafka admin client")?;
+            let admin = bitclone9::kafka_settings(&cfg)
+                .admin()
+                .context("creating the Kafka admin client")?;
             let opts = rdkafka::admin::AdminOptions::new()
                 .operation_timeout(Some(cfg.kafka.request_timeout));
             // The sink resumes from the target's positions; the group's offsets only mirror

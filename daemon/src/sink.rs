@@ -18,14 +18,14 @@ use crate::checkpoint::CheckpointStore;
 use crate::status::{ConnectorState, Status};
 use bitclone9_core::{Change, Op};
 use bitclone9_kafka::decode::{DecodeError, Decoded, EventReader, TombstoneHeaders};
-use bitclone9_kafka::{KafkaSettings, Registry};
+use bitclone9_kafka::{EventProducer, KafkaSettings};
 use bitclone9_postgres_sink::{
     Applied, PartitionPosition, PostgresTarget, PostgresTargetConfig, TargetError, Watermark,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -108,11 +108,9 @@ pub async fn supervise(
 
 /// The consumer settings BitClone9 relies on; user settings tune the rest.
 pub fn consumer_config(cfg: &SinkPipelineConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
-        .set("auto.offset.reset", "earliest")
+    let mut c = cfg.kafka.client_config();
+    c.set("auto.offset.reset", "earliest")
         .set("topic.metadata.refresh.interval.ms", "5000")
-        .set("socket.connection.setup.timeout.ms", "10000")
         .set("fetch.wait.max.ms", "50");
     for (k, v) in &cfg.consumer {
         c.set(k, v);
@@ -302,7 +300,9 @@ async fn run_once(
     for _ in 1..cfg.apply_concurrency.max(1) {
         more_targets.push(PostgresTarget::connect(cfg.target.clone()).await?);
     }
-    let registry = Registry::new(&cfg.kafka.registry_url, cfg.kafka.request_timeout)
+    let registry = cfg
+        .kafka
+        .registry()
         .map_err(|e| SinkPipelineError::Kafka(e.to_string()))?;
     let mut reader = EventReader::new(registry);
     let mut applied: Applieds = target
@@ -311,14 +311,24 @@ async fn run_once(
         .into_iter()
         .map(|p| ((p.topic, p.partition), p.applied))
         .collect();
+    let (producer, context) = cfg
+        .kafka
+        .producer()
+        .map_err(|e| SinkPipelineError::Kafka(format!("dead-letter producer: {e}")))?;
+    // Reach the brokers first: a refused TLS handshake or login is reported by its cause.
+    bitclone9_kafka::ping_kafka(
+        &producer,
+        &context,
+        &cfg.kafka.bootstrap_servers,
+        cfg.kafka.request_timeout,
+    )
+    .await
+    .map_err(|e| SinkPipelineError::Kafka(e.to_string()))?;
     let consumer: StreamConsumer = consumer_config(cfg)
         .create()
         .map_err(|e| SinkPipelineError::Kafka(format!("consumer: {e}")))?;
     let mut assigner = Assigner::new(cfg)?;
     assigner.scan(name, &consumer, &applied, cfg.kafka.request_timeout)?;
-    let producer: FutureProducer = bitclone9_kafka::producer_config(&cfg.kafka)
-        .create()
-        .map_err(|e| SinkPipelineError::Kafka(format!("dead-letter producer: {e}")))?;
     ensure_topic(cfg).await?;
     tracing::info!(connector = %name, topics = ?cfg.subscription, group = %cfg.group, "sink started");
     status.set_state(name, ConnectorState::Streaming);
@@ -633,7 +643,7 @@ async fn apply_concurrently(
     cfg: &SinkPipelineConfig,
     first: &mut PostgresTarget,
     more: &mut [PostgresTarget],
-    producer: &FutureProducer,
+    producer: &EventProducer,
     items: &[Item],
     m: &Metrics,
 ) -> Result<Outcome, SinkPipelineError> {
@@ -686,7 +696,7 @@ struct Outcome {
 async fn apply_batch(
     cfg: &SinkPipelineConfig,
     target: &mut PostgresTarget,
-    producer: &FutureProducer,
+    producer: &EventProducer,
     items: &[&Item],
     m: &Metrics,
 ) -> Result<Outcome, SinkPipelineError> {
@@ -709,7 +719,7 @@ async fn apply_batch(
 async fn apply_once(
     cfg: &SinkPipelineConfig,
     target: &mut PostgresTarget,
-    producer: &FutureProducer,
+    producer: &EventProducer,
     items: &[&Item],
     m: &Metrics,
     isolate: bool,
@@ -848,7 +858,7 @@ async fn apply_once(
 /// Writes dead letters and waits until Kafka holds them all (before the target commits past them).
 async fn send_dead_letters(
     cfg: &SinkPipelineConfig,
-    producer: &FutureProducer,
+    producer: &EventProducer,
     letters: &[DeadLetter<'_>],
 ) -> Result<(), SinkPipelineError> {
     let mut pending = Vec::with_capacity(letters.len());
@@ -911,11 +921,10 @@ async fn send_dead_letters(
 
 /// Creates the dead-letter topic when missing (one partition, the broker's replication factor).
 async fn ensure_topic(cfg: &SinkPipelineConfig) -> Result<(), SinkPipelineError> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
-        .create()
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let admin = cfg
+        .kafka
+        .admin()
         .map_err(|e| SinkPipelineError::Kafka(e.to_string()))?;
     let topic = NewTopic::new(&cfg.dead_letter_topic, 1, TopicReplication::Fixed(-1));
     let opts = AdminOptions::new().operation_timeout(Some(cfg.kafka.request_timeout));

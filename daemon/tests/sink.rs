@@ -938,3 +938,166 @@ async fn resync_a_table_repairs_the_target_while_changes_keep_flowing() {
     assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }
+
+/// Points a clone's config at the stack's SASL_SSL listener and HTTPS registry: Kafka with
+/// SCRAM-SHA-512 (password from `${KAFKA_PW}`), the registry with basic auth (`${REGISTRY_PW}`),
+/// both trusting `ca`.
+fn secure_kafka(config: &std::path::Path, ca: &str) {
+    let s = stack();
+    let secure_bootstrap = env_or("BC9_KAFKA_SECURE_BOOTSTRAP", "127.0.0.1:9094");
+    let secure_registry = env_or(
+        "BC9_REGISTRY_SECURE_URL",
+        "https://localhost:8443/apis/ccompat/v7",
+    );
+    let text = std::fs::read_to_string(config)
+        .expect("read config")
+        .replace(
+            &format!("bootstrap_servers = \"{}\"", s.bootstrap),
+            &format!("bootstrap_servers = \"{secure_bootstrap}\""),
+        )
+        .replace(
+            &format!("schema_registry_url = \"{}\"", s.registry_url),
+            &format!(
+                r#"schema_registry_url = "{secure_registry}"
+request_timeout = "4s"
+[kafka.tls]
+ca_file = "{ca}"
+[kafka.sasl]
+mechanism = "SCRAM-SHA-512"
+username = "{kafka_user}"
+password = "${{KAFKA_PW}}"
+[kafka.schema_registry]
+username = "{registry_user}"
+password = "${{REGISTRY_PW}}"
+[kafka.schema_registry.tls]
+ca_file = "{ca}""#,
+                kafka_user = env_or("BC9_KAFKA_SASL_USER", "bitclone9"),
+                registry_user = env_or("BC9_REGISTRY_USER", "bitclone9"),
+            ),
+        );
+    std::fs::write(config, text).expect("write config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_runs_over_kafka_sasl_ssl_and_an_https_registry_with_basic_auth() {
+    let cl = Clone::new(
+        "sksecure",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 500) g;",
+        "",
+        "",
+    )
+    .await;
+    let ca = env_or(
+        "BC9_TLS_CA",
+        &format!(
+            "{}/.stack/tls/ca.pem",
+            env!("CARGO_MANIFEST_DIR").trim_end_matches("/daemon")
+        ),
+    );
+    secure_kafka(&cl.config, &ca);
+    let kafka_pw = env_or("BC9_KAFKA_SASL_PASSWORD", "bitclone9-kafka-secret");
+    let registry_pw = env_or("BC9_REGISTRY_PASSWORD", "bitclone9-registry-secret");
+    let secrets = [
+        ("KAFKA_PW", kafka_pw.as_str()),
+        ("REGISTRY_PW", registry_pw.as_str()),
+    ];
+
+    let (code, out) = cli(&cl.config, &["check", "--connect"], &secrets);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(":9094: ok"), "{out}");
+    assert!(out.contains("schema registry https://"), "{out}");
+
+    // Source (producer, topic admin, registry writes) and sink (consumer, registry reads,
+    // dead-letter topic) all go through the secured endpoints only.
+    let mut daemon = Daemon::start_with(&cl.config, "secure", &secrets);
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(90)).await;
+    cl.src
+        .batch_execute("UPDATE t SET v = 'changed' WHERE id <= 10; DELETE FROM t WHERE id > 490")
+        .await
+        .expect("changes");
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(60)).await;
+    assert_eq!(daemon.terminate(), Some(0));
+    let log = daemon.log_text();
+
+    // Refusals name their cause: a CA that did not sign the servers' certificates, a wrong
+    // Kafka password, a wrong registry password.
+    let dir = cl.config.parent().expect("dir").to_path_buf();
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=Some other CA",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("wrong.key"))
+        .arg("-out")
+        .arg(dir.join("wrong.pem"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let good = std::fs::read_to_string(&cl.config).expect("read");
+    let wrong_ca = dir.join("wrong-ca.toml");
+    std::fs::write(
+        &wrong_ca,
+        good.replace(&ca, &dir.join("wrong.pem").to_string_lossy()),
+    )
+    .expect("write");
+    let (code, out_ca) = cli(&wrong_ca, &["check", "--connect"], &secrets);
+    assert_eq!(code, Some(1), "{out_ca}");
+    assert!(
+        out_ca.contains("kafka 127.0.0.1:9094: FAILED")
+            && out_ca.contains("certificate verify failed"),
+        "the Kafka TLS failure names the certificate check: {out_ca}"
+    );
+    assert!(
+        out_ca
+            .lines()
+            .any(|l| l.starts_with("schema registry https://")
+                && l.contains("FAILED")
+                && l.to_lowercase().contains("certificate")),
+        "the registry TLS failure names the certificate: {out_ca}"
+    );
+    let (code, out_pw) = cli(
+        &cl.config,
+        &["check", "--connect"],
+        &[
+            ("KAFKA_PW", "not-the-password"),
+            ("REGISTRY_PW", "not-the-password-either"),
+        ],
+    );
+    assert_eq!(code, Some(1), "{out_pw}");
+    assert!(
+        out_pw.contains("kafka 127.0.0.1:9094: FAILED") && out_pw.contains("Authentication failed"),
+        "the Kafka login failure says so: {out_pw}"
+    );
+    assert!(
+        out_pw
+            .lines()
+            .any(|l| l.starts_with("schema registry https://")
+                && l.contains("FAILED")
+                && l.contains("401")),
+        "the registry login failure says so: {out_pw}"
+    );
+    for secret in [kafka_pw.as_str(), registry_pw.as_str(), "not-the-password"] {
+        for (what, text) in [
+            ("log", &log),
+            ("check", &out),
+            ("check wrong CA", &out_ca),
+            ("check wrong password", &out_pw),
+        ] {
+            assert!(
+                !text.contains(secret),
+                "a secret appears in the {what} output"
+            );
+        }
+    }
+    cl.cleanup().await;
+}

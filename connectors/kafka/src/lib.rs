@@ -9,17 +9,20 @@
 pub mod decode;
 pub mod encode;
 pub mod schema;
+pub mod security;
 
 use bitclone9_core::{Change, Op, TableSchema};
 use encode::{EncodeError, SourceInfo};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+pub use security::{
+    KafkaContext, KafkaSecurity, RegistryAccess, RegistryAuth, SaslLogin, TlsFiles,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +70,52 @@ pub struct KafkaSettings {
     /// librdkafka settings for the producer, applied over BitClone9's defaults.
     pub producer: Vec<(String, String)>,
     pub request_timeout: Duration,
+    /// TLS and SASL towards the brokers, for every client.
+    pub security: KafkaSecurity,
+    /// Login and TLS towards the registry.
+    pub registry_access: RegistryAccess,
+}
+
+/// A producer whose context keeps the brokers' last error.
+pub type EventProducer = FutureProducer<KafkaContext>;
+/// An admin client whose context keeps the brokers' last error.
+pub type KafkaAdmin = AdminClient<KafkaContext>;
+
+impl KafkaSettings {
+    /// The base of every client's configuration: the brokers and how to reach them securely.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("socket.connection.setup.timeout.ms", "10000");
+        self.security.apply(&mut cfg);
+        cfg
+    }
+
+    /// An admin client for topic and group operations.
+    pub fn admin(&self) -> Result<KafkaAdmin, SinkError> {
+        self.client_config()
+            .create_with_context(KafkaContext::default())
+            .map_err(|e| SinkError::Config(e.to_string()))
+    }
+
+    /// A producer with BitClone9's settings (see [`producer_config`]), and its context (for
+    /// [`ping_kafka`]).
+    pub fn producer(&self) -> Result<(EventProducer, KafkaContext), SinkError> {
+        let context = KafkaContext::default();
+        let producer = producer_config(self)
+            .create_with_context(context.clone())
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        Ok((producer, context))
+    }
+
+    /// The registry client for these settings.
+    pub fn registry(&self) -> Result<Registry, SinkError> {
+        Registry::with_access(
+            &self.registry_url,
+            &self.registry_access,
+            self.request_timeout,
+        )
+    }
 }
 
 /// How the topics of one source are named and created.
@@ -97,19 +146,91 @@ impl TopicSettings {
 pub struct Registry {
     settings: SrSettings,
     url: String,
+    access: RegistryAccess,
+    timeout: Duration,
 }
 
 impl Registry {
+    /// A registry without login or TLS settings.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, SinkError> {
-        let settings = SrSettings::new_builder(url.to_string())
-            .set_timeout(timeout)
-            .no_proxy()
-            .build()
+        Self::with_access(url, &RegistryAccess::default(), timeout)
+    }
+
+    pub fn with_access(
+        url: &str,
+        access: &RegistryAccess,
+        timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        let mut builder = SrSettings::new_builder(url.to_string());
+        builder.set_timeout(timeout).no_proxy();
+        match &access.auth {
+            RegistryAuth::None => {}
+            RegistryAuth::Basic { username, password } => {
+                builder.set_basic_authorization(username, Some(password));
+            }
+            RegistryAuth::Bearer(token) => {
+                builder.set_token_authorization(token);
+            }
+        }
+        let client = access
+            .client_builder()
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        let settings = builder
+            .build_with(client)
             .map_err(|e| SinkError::Config(format!("schema registry {url}: {e}")))?;
         Ok(Self {
             settings,
             url: url.to_string(),
+            access: access.clone(),
+            timeout,
         })
+    }
+
+    /// Why a request to the registry fails, in full: the registry client reports only "error
+    /// sending request", so one plain request is made and its error chain (TLS, refused
+    /// connection) or its HTTP status (401, 403) is read.
+    async fn diagnose(&self) -> Option<String> {
+        let client = self
+            .access
+            .client_builder()
+            .ok()?
+            .timeout(self.timeout)
+            .no_proxy()
+            .build()
+            .ok()?;
+        let mut req = client.get(format!("{}/subjects", self.url.trim_end_matches('/')));
+        match &self.access.auth {
+            RegistryAuth::None => {}
+            RegistryAuth::Basic { username, password } => {
+                req = req.basic_auth(username, Some(password));
+            }
+            RegistryAuth::Bearer(token) => req = req.bearer_auth(token),
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => None,
+            Ok(r) => Some(format!(
+                "HTTP {}{}",
+                r.status(),
+                match r.status().as_u16() {
+                    401 => " (check kafka.schema_registry's username and password, or token)",
+                    403 => " (the registry user lacks permission)",
+                    _ => "",
+                }
+            )),
+            Err(e) => {
+                let mut chain = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    chain.push_str(": ");
+                    chain.push_str(&c.to_string());
+                    cause = c.source();
+                }
+                if chain.contains("certificate verify failed") {
+                    chain.push_str(" (check the CA file of the registry's TLS settings)");
+                }
+                Some(chain)
+            }
+        }
     }
 
     /// Registers `schema` under `subject` (or finds it registered) and returns its id.
@@ -136,13 +257,18 @@ impl Registry {
 
     /// Lists the subjects: proves the registry answers.
     pub async fn ping(&self) -> Result<usize, SinkError> {
-        schema_registry_converter::async_impl::schema_registry::get_all_subjects(&self.settings)
-            .await
-            .map(|s| s.len())
-            .map_err(|e| SinkError::RegistryUnreachable {
+        match schema_registry_converter::async_impl::schema_registry::get_all_subjects(
+            &self.settings,
+        )
+        .await
+        .map(|s| s.len())
+        {
+            Ok(n) => Ok(n),
+            Err(e) => Err(SinkError::RegistryUnreachable {
                 url: self.url.clone(),
-                detail: registry_detail(&e),
-            })
+                detail: self.diagnose().await.unwrap_or_else(|| registry_detail(&e)),
+            }),
+        }
     }
 
     /// The id and text of the newest value schema registered for `topic`.
@@ -219,15 +345,13 @@ fn registry_detail(e: &schema_registry_converter::error::SRCError) -> String {
 
 /// The producer settings BitClone9 relies on; user settings may tune the rest.
 pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &settings.bootstrap_servers)
-        .set("linger.ms", "5")
+    let mut cfg = settings.client_config();
+    cfg.set("linger.ms", "5")
         .set("batch.size", "1000000")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", "200000")
         .set("queue.buffering.max.kbytes", "262144")
-        .set("message.timeout.ms", "120000")
-        .set("socket.connection.setup.timeout.ms", "10000");
+        .set("message.timeout.ms", "120000");
     for (k, v) in &settings.producer {
         cfg.set(k, v);
     }
@@ -249,8 +373,8 @@ struct TableTarget {
 
 /// Turns changes into Kafka records.
 pub struct EventWriter {
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    producer: EventProducer,
+    admin: KafkaAdmin,
     registry: Registry,
     topics: TopicSettings,
     source: SourceInfo,
@@ -264,24 +388,38 @@ pub struct EventWriter {
 
 /// Checks that the Kafka cluster answers (metadata request), off the async threads.
 pub async fn ping_kafka(
-    producer: &FutureProducer,
+    producer: &EventProducer,
+    context: &KafkaContext,
     bootstrap: &str,
     timeout: Duration,
 ) -> Result<usize, SinkError> {
     let p = producer.clone();
-    tokio::task::spawn_blocking(move || {
+    let unreachable = |detail: String| SinkError::KafkaUnreachable {
+        bootstrap: bootstrap.to_string(),
+        detail,
+    };
+    let found = tokio::task::spawn_blocking(move || {
         p.client()
             .fetch_metadata(None, timeout)
             .map(|m| m.brokers().len())
     })
     .await
-    .map_err(|e| SinkError::KafkaUnreachable {
-        bootstrap: bootstrap.to_string(),
-        detail: e.to_string(),
-    })?
-    .map_err(|e| SinkError::KafkaUnreachable {
-        bootstrap: bootstrap.to_string(),
-        detail: e.to_string(),
+    .map_err(|e| unreachable(e.to_string()))?;
+    found.map_err(|e| {
+        // The request only times out; the brokers' own error says why (TLS, login, refused).
+        match context.last_error() {
+            Some(cause) => {
+                let hint = if cause.contains("certificate verify failed") {
+                    " (check the CA file of the Kafka TLS settings)"
+                } else if cause.contains("Authentication failed") {
+                    " (check the SASL mechanism, username and password)"
+                } else {
+                    ""
+                };
+                unreachable(format!("{e}; the brokers said: {cause}{hint}"))
+            }
+            None => unreachable(e.to_string()),
+        }
     })
 }
 
@@ -291,20 +429,16 @@ impl EventWriter {
         topics: TopicSettings,
         source: SourceInfo,
     ) -> Result<Self, SinkError> {
-        let cfg = producer_config(settings);
-        let producer: FutureProducer =
-            cfg.create().map_err(|e| SinkError::Config(e.to_string()))?;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &settings.bootstrap_servers)
-            .create()
-            .map_err(|e| SinkError::Config(e.to_string()))?;
+        let (producer, context) = settings.producer()?;
+        let admin = settings.admin()?;
         ping_kafka(
             &producer,
+            &context,
             &settings.bootstrap_servers,
             settings.request_timeout,
         )
         .await?;
-        let registry = Registry::new(&settings.registry_url, settings.request_timeout)?;
+        let registry = settings.registry()?;
         registry.ping().await?;
         Ok(Self {
             producer,
@@ -564,7 +698,7 @@ fn tx_headers(change: &Change) -> OwnedHeaders {
 
 /// Enqueues a record, waiting while librdkafka's queue is full.
 async fn enqueue(
-    producer: &FutureProducer,
+    producer: &EventProducer,
     mut rec: FutureRecord<'_, [u8], [u8]>,
 ) -> Result<DeliveryFuture, SinkError> {
     loop {
