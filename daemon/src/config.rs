@@ -40,9 +40,36 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkConfig>,
+    /// Export of spans over OTLP (`[telemetry]`); none when absent.
+    pub telemetry: Option<TelemetryConfig>,
     /// Problems worth a warning but not a refusal (filled by `load`).
     #[serde(skip)]
     pub warnings: Vec<String>,
+}
+
+/// Where `bitclone9 run` sends its spans (connector runs, source batches, sink batches).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP (protobuf) endpoint, e.g. `http://127.0.0.1:4318`; `/v1/traces` is added
+    /// unless the URL already ends with it.
+    pub otlp_endpoint: String,
+    /// The `service.name` resource attribute.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// HTTP headers sent with every export (e.g. an API key).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The share of traces kept, from 0 to 1.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+}
+
+fn default_service_name() -> String {
+    "bitclone9".into()
+}
+fn default_sample_ratio() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -543,6 +570,24 @@ impl Config {
             ));
         }
         self.check_kafka_security()?;
+        if let Some(t) = &self.telemetry {
+            if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://"))
+            {
+                return Err((
+                    "telemetry.otlp_endpoint".into(),
+                    format!(
+                        "expected an http:// or https:// URL of an OTLP/HTTP receiver, got {:?}",
+                        t.otlp_endpoint
+                    ),
+                ));
+            }
+            if !(0.0..=1.0).contains(&t.sample_ratio) {
+                return Err((
+                    "telemetry.sample_ratio".into(),
+                    format!("expected a share from 0 to 1, got {}", t.sample_ratio),
+                ));
+            }
+        }
         for (name, s) in &self.sources {
             let at = |key: &str| format!("sources.{name}.{key}");
             if !name_ok(name, &['-']) {
@@ -845,6 +890,22 @@ fn world_readable_secrets(file: &Path, text: &str) -> Vec<String> {
             .filter(|v| literal(Some(v)))
             .map(|_| path.join("."))
     };
+    if let Some(h) = value
+        .get("telemetry")
+        .and_then(|t| t.get("headers"))
+        .and_then(toml::Value::as_table)
+    {
+        for (k, v) in h {
+            let k_low = k.to_ascii_lowercase();
+            if ["auth", "key", "token", "secret"]
+                .iter()
+                .any(|w| k_low.contains(w))
+                && literal(Some(v))
+            {
+                keys.push(format!("telemetry.headers.\"{k}\""));
+            }
+        }
+    }
     keys.extend(
         [
             &["kafka", "sasl", "password"][..],

@@ -7,6 +7,7 @@ pub mod config;
 pub mod pipeline;
 pub mod sink;
 pub mod status;
+pub mod telemetry;
 pub mod verify;
 
 /// The version and the git commit the binary was built from.

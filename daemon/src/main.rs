@@ -176,7 +176,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cfg, log_format);
+    let spans = init_logging(&cfg, log_format, matches!(cli.command, Command::Run { .. }));
     for w in &cfg.warnings {
         tracing::warn!("{w}");
     }
@@ -213,28 +213,60 @@ fn main() -> ExitCode {
         Command::Offsets { action } => runtime.block_on(offsets_command(cfg, action)),
         Command::Checkpoint { action } => checkpoint_command(cfg, action),
     };
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("bitclone9: {e:#}");
             ExitCode::from(1)
         }
+    };
+    if let Some(provider) = spans {
+        // Send the spans still queued; an unreachable endpoint must not hold up the exit long.
+        if let Err(e) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5)) {
+            eprintln!("bitclone9: spans not all exported: {e}");
+        }
     }
+    code
 }
 
-fn init_logging(cfg: &Config, over: Option<LogFormat>) {
+/// Logs to stderr as text or JSON; with `export_spans` and `[telemetry]`, spans also go to the
+/// OTLP endpoint (the provider returned is flushed at exit).
+fn init_logging(
+    cfg: &Config,
+    over: Option<LogFormat>,
+    export_spans: bool,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("BITCLONE9_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.daemon.log_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match over.unwrap_or(cfg.daemon.log_format) {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let fmt = match over.unwrap_or(cfg.daemon.log_format) {
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+    };
+    let (otel, provider, failed) = match cfg.telemetry.as_ref().filter(|_| export_spans) {
+        Some(t) => match bitclone9::telemetry::layer(t) {
+            Ok((layer, provider)) => (Some(layer), Some(provider), None),
+            Err(e) => (None, None, Some(e)),
+        },
+        None => (None, None, None),
+    };
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+    if let Some(e) = failed {
+        tracing::error!("spans are not exported: {e}");
+    } else if let Some(t) = cfg.telemetry.as_ref().filter(|_| export_spans) {
+        tracing::info!(
+            endpoint = %bitclone9::telemetry::traces_url(&t.otlp_endpoint),
+            "exporting spans over OTLP"
+        );
     }
+    provider
 }
 
 /// What a running connector was started from: a change in it restarts the connector on reload.

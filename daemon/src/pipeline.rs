@@ -265,36 +265,50 @@ async fn run_once(
         let mut counts = [0u64; 5];
         let mut failed = None;
         let mut items: Vec<AckItem> = Vec::new();
-        for ev in events.drain(..) {
-            match ev {
-                SourceEvent::Change(change) => {
-                    counts[change.op as usize] += 1;
-                    if writer.needs_prepare(&change.table) {
-                        if let Err(e) = writer.prepare(&change.table).await {
+        // One span per batch (not per event): what was read and up to which position.
+        let batch_span = tracing::info_span!(
+            "source_batch",
+            connector = %name,
+            events = events.len(),
+            lsn = tracing::field::Empty
+        );
+        let entered = batch_span.clone();
+        let handing_over = async {
+            for ev in events.drain(..) {
+                match ev {
+                    SourceEvent::Change(change) => {
+                        counts[change.op as usize] += 1;
+                        if writer.needs_prepare(&change.table) {
+                            if let Err(e) = writer.prepare(&change.table).await {
+                                failed = Some(e.into());
+                                break;
+                            }
+                        }
+                        if let Err(e) = writer.send(&change, now, &mut deliveries).await {
                             failed = Some(e.into());
                             break;
                         }
                     }
-                    if let Err(e) = writer.send(&change, now, &mut deliveries).await {
-                        failed = Some(e.into());
-                        break;
+                    SourceEvent::Commit { end_lsn: lsn } | SourceEvent::Progress { lsn } => {
+                        if last_position < Some(lsn) {
+                            last_position = Some(lsn);
+                            push_position(&mut items, &mut deliveries, lsn);
+                        }
                     }
-                }
-                SourceEvent::Commit { end_lsn: lsn } | SourceEvent::Progress { lsn } => {
-                    if last_position < Some(lsn) {
-                        last_position = Some(lsn);
-                        push_position(&mut items, &mut deliveries, lsn);
+                    SourceEvent::SnapshotDone { consistent_point } => {
+                        push_deliveries(&mut items, &mut deliveries);
+                        items.push(AckItem::SnapshotDone(consistent_point));
                     }
-                }
-                SourceEvent::SnapshotDone { consistent_point } => {
-                    push_deliveries(&mut items, &mut deliveries);
-                    items.push(AckItem::SnapshotDone(consistent_point));
-                }
-                SourceEvent::ResyncDone { tables } => {
-                    push_deliveries(&mut items, &mut deliveries);
-                    items.push(AckItem::ResyncDone(tables));
+                    SourceEvent::ResyncDone { tables } => {
+                        push_deliveries(&mut items, &mut deliveries);
+                        items.push(AckItem::ResyncDone(tables));
+                    }
                 }
             }
+        };
+        tracing::Instrument::instrument(handing_over, entered).await;
+        if let Some(lsn) = last_position {
+            batch_span.record("lsn", tracing::field::display(lsn));
         }
         push_deliveries(&mut items, &mut deliveries);
         if !items.is_empty() {

@@ -700,6 +700,51 @@ async fn apply_batch(
     items: &[&Item],
     m: &Metrics,
 ) -> Result<Outcome, SinkPipelineError> {
+    let span = tracing::info_span!(
+        "sink_apply",
+        connector = %cfg.name,
+        records = items.len(),
+        offsets = tracing::field::Empty,
+        lsn = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        span.record("offsets", offset_ranges(items));
+        if let Some(lsn) = items
+            .iter()
+            .rev()
+            .find_map(|i| i.change())
+            .map(|c| c.tx.commit_lsn)
+        {
+            span.record("lsn", tracing::field::display(lsn));
+        }
+    }
+    tracing::Instrument::instrument(apply_with_retries(cfg, target, producer, items, m), span).await
+}
+
+/// `topic[partition]:first..last` for each partition of a batch, for its span.
+fn offset_ranges(items: &[&Item]) -> String {
+    let mut ranges: BTreeMap<(&str, i32), (i64, i64)> = BTreeMap::new();
+    for i in items {
+        let o = i.msg.offset();
+        ranges
+            .entry((i.msg.topic(), i.msg.partition()))
+            .and_modify(|r| r.1 = o)
+            .or_insert((o, o));
+    }
+    ranges
+        .iter()
+        .map(|((t, p), (a, b))| format!("{t}[{p}]:{a}..{b}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn apply_with_retries(
+    cfg: &SinkPipelineConfig,
+    target: &mut PostgresTarget,
+    producer: &EventProducer,
+    items: &[&Item],
+    m: &Metrics,
+) -> Result<Outcome, SinkPipelineError> {
     let mut attempt = 0;
     loop {
         attempt += 1;

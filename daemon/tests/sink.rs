@@ -1101,3 +1101,126 @@ async fn a_clone_runs_over_kafka_sasl_ssl_and_an_https_registry_with_basic_auth(
     }
     cl.cleanup().await;
 }
+
+/// An OTLP/HTTP receiver on loopback: decodes each export (protobuf, the OpenTelemetry
+/// protocol's own message types) and keeps it.
+async fn otlp_receiver() -> (
+    String,
+    std::sync::Arc<
+        std::sync::Mutex<
+            Vec<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+        >,
+    >,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use prost::Message as _;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
+                keep.lock().expect("lock").push(req);
+                (
+                    [("content-type", "application/x-protobuf")],
+                    ExportTraceServiceResponse::default().encode_to_vec(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_of_source_and_sink_batches_are_exported_over_otlp() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    let cl = Clone::new(
+        "skotel",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 200) g;",
+        "",
+        "",
+    )
+    .await;
+    let (endpoint, got) = otlp_receiver().await;
+    let text = std::fs::read_to_string(&cl.config).expect("read").replace(
+        "[admin]",
+        &format!(
+            "[telemetry]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"bc9-test\"\n[admin]"
+        ),
+    );
+    std::fs::write(&cl.config, text).expect("write");
+    let mut daemon = Daemon::start(&cl.config, "otel");
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(90)).await;
+    cl.src
+        .batch_execute("UPDATE t SET v = 'x' WHERE id = 1")
+        .await
+        .expect("update");
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(60)).await;
+    // A clean stop flushes the spans still queued.
+    assert_eq!(daemon.terminate(), Some(0));
+
+    let exports = got.lock().expect("lock").clone();
+    let mut spans = Vec::new();
+    for e in &exports {
+        for rs in &e.resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .and_then(|a| a.value.as_ref())
+                .and_then(|v| v.value.clone());
+            assert_eq!(service, Some(V::StringValue("bc9-test".into())));
+            for ss in &rs.scope_spans {
+                spans.extend(ss.spans.iter().cloned());
+            }
+        }
+    }
+    let attr = |s: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| -> Option<String> {
+        s.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(V::StringValue(s)) => Some(s.clone()),
+                Some(V::IntValue(i)) => Some(i.to_string()),
+                _ => None,
+            })
+    };
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    let db = &cl.spec.db;
+    let run = spans
+        .iter()
+        .find(|s| s.name == "source" && attr(s, "connector").as_deref() == Some(db))
+        .unwrap_or_else(|| panic!("the source's run span: {names:?}"));
+    let batch = spans
+        .iter()
+        .find(|s| s.name == "source_batch" && attr(s, "lsn").is_some())
+        .unwrap_or_else(|| panic!("a source batch span with its LSN: {names:?}"));
+    assert_eq!(attr(batch, "connector").as_deref(), Some(db.as_str()));
+    assert_eq!(
+        batch.parent_span_id, run.span_id,
+        "batches sit under the run"
+    );
+    let apply = spans
+        .iter()
+        .find(|s| s.name == "sink_apply")
+        .unwrap_or_else(|| panic!("a sink batch span: {names:?}"));
+    assert_eq!(attr(apply, "connector"), Some(cl.sink()));
+    let offsets = attr(apply, "offsets").expect("offsets");
+    assert!(
+        offsets.contains(&format!("{}[0]:", cl.spec.topic("t"))),
+        "{offsets}"
+    );
+    assert!(attr(apply, "records").is_some() && attr(apply, "lsn").is_some());
+    cl.cleanup().await;
+}
