@@ -231,7 +231,8 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr as text or JSON; with `export_spans` and `[telemetry]`, spans also go to the
-/// OTLP endpoint (the provider returned is flushed at exit).
+/// OTLP endpoint (the provider returned is flushed at exit). `log_level` applies to both: spans
+/// are made at info.
 fn init_logging(
     cfg: &Config,
     over: Option<LogFormat>,
@@ -247,17 +248,29 @@ fn init_logging(
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let fmt = match over.unwrap_or(cfg.daemon.log_format) {
-        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
-        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
-    let (otel, provider, failed) = match cfg.telemetry.as_ref().filter(|_| export_spans) {
+    // One global filter: `EnvFilter` as a per-layer filter drops some events when a target has
+    // its own level (e.g. `info,bitclone9=debug`).
+    let logs = tracing_subscriber::registry().with(filter).with(fmt);
+    // Only a configured exporter joins: an absent layer must not take part in filtering.
+    let (provider, failed) = match cfg.telemetry.as_ref().filter(|_| export_spans) {
         Some(t) => match bitclone9::telemetry::layer(t) {
-            Ok((layer, provider)) => (Some(layer), Some(provider), None),
-            Err(e) => (None, None, Some(e)),
+            Ok((layer, provider)) => {
+                logs.with(layer).init();
+                (Some(provider), None)
+            }
+            Err(e) => {
+                logs.init();
+                (None, Some(e))
+            }
         },
-        None => (None, None, None),
+        None => {
+            logs.init();
+            (None, None)
+        }
     };
-    tracing_subscriber::registry().with(fmt).with(otel).init();
     if let Some(e) = failed {
         tracing::error!("spans are not exported: {e}");
     } else if let Some(t) = cfg.telemetry.as_ref().filter(|_| export_spans) {
