@@ -19,6 +19,16 @@ pub enum CheckpointError {
 
 pub struct CheckpointStore {
     db: rocksdb::DB,
+    /// The scratch folder of a secondary instance (a view of a store a daemon holds).
+    secondary: Option<PathBuf>,
+}
+
+impl Drop for CheckpointStore {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.secondary {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 fn lsn_key(source: &str) -> String {
@@ -51,19 +61,41 @@ impl CheckpointStore {
                 open_err(msg)
             }
         })?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            secondary: None,
+        })
     }
 
-    /// Opens the store for reading while a running daemon holds it.
+    /// Opens the store for reading while a running daemon holds it, as RocksDB's secondary
+    /// instance: unlike a plain read-only open, it follows the daemon's flushes and log
+    /// switches, so a write the daemon made is never missed.
     pub fn open_read_only(dir: &Path) -> Result<Self, CheckpointError> {
-        let opts = rocksdb::Options::default();
-        let db = rocksdb::DB::open_for_read_only(&opts, dir.join("checkpoints"), false).map_err(
-            |e| CheckpointError::Open {
-                dir: dir.to_path_buf(),
-                detail: e.to_string(),
-            },
-        )?;
-        Ok(Self { db })
+        let open_err = |detail: String| CheckpointError::Open {
+            dir: dir.to_path_buf(),
+            detail,
+        };
+        static VIEWS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let scratch = std::env::temp_dir().join(format!(
+            "bitclone9-view-{}-{}",
+            std::process::id(),
+            VIEWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut opts = rocksdb::Options::default();
+        opts.set_max_open_files(-1);
+        let db = rocksdb::DB::open_as_secondary(&opts, &dir.join("checkpoints"), &scratch)
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&scratch);
+                open_err(e.to_string())
+            })?;
+        let view = Self {
+            db,
+            secondary: Some(scratch),
+        };
+        view.db
+            .try_catch_up_with_primary()
+            .map_err(|e| open_err(format!("catching up with the running daemon: {e}")))?;
+        Ok(view)
     }
 
     /// Records the Kafka offsets a sink has applied to its target (synced, in one write).
@@ -269,8 +301,19 @@ impl CheckpointStore {
         source: &str,
         consistent_point: Lsn,
     ) -> Result<(), CheckpointError> {
-        self.put_sync(&snapshot_key(source), consistent_point)?;
-        self.save_source_lsn(source, consistent_point)
+        // One write: a reader never sees the snapshot recorded without its position.
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(snapshot_key(source), consistent_point.0.to_be_bytes());
+        if self
+            .get_lsn(&lsn_key(source))?
+            .is_none_or(|cur| cur < consistent_point)
+        {
+            batch.put(lsn_key(source), consistent_point.0.to_be_bytes());
+        }
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.db.write_opt(batch, &w)?;
+        Ok(())
     }
 
     /// Forgets a source's snapshot record (its slot was re-created: a new snapshot is due).

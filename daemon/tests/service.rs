@@ -436,7 +436,11 @@ async fn status_and_slot_commands_with_the_daemon_up_and_down() {
     let (code, out) = cli(&cfg, &["slot", "drop", "--source", &db, "--yes"], &[]);
     assert_eq!(code, Some(1), "refused while the daemon runs: {out}");
     assert!(out.contains("stop bitclone9"), "{out}");
-    // A consistent copy of the checkpoint store while the daemon runs; restoring waits for a stop.
+    // A consistent copy of the checkpoint store while the daemon runs (once it holds the
+    // snapshot's record); restoring waits for a stop.
+    daemon
+        .wait_log("snapshot delivered and recorded", Duration::from_secs(30))
+        .await;
     let backup = cfg.with_file_name("checkpoint-backup");
     let backup_arg = backup.display().to_string();
     let (code, out) = cli(&cfg, &["checkpoint", "backup", "--to", &backup_arg], &[]);
