@@ -73,6 +73,18 @@ enum Command {
         #[command(subcommand)]
         action: OffsetsAction,
     },
+    /// Have a source read one table again (a fresh snapshot of it, placed exactly in its change
+    /// stream): through the running daemon's admin endpoint (needs `admin.token`), or, when the
+    /// daemon is down, recorded in the checkpoint store for its next start.
+    Resync {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        source: String,
+        /// `schema.table` (a bare name means schema `public`).
+        #[arg(long)]
+        table: String,
+    },
     /// Copy the checkpoint store (RocksDB) consistently, or put a copy back.
     Checkpoint {
         #[command(subcommand)]
@@ -164,6 +176,7 @@ fn main() -> ExitCode {
         | Command::Offsets {
             action: OffsetsAction::Show { config } | OffsetsAction::Reset { config, .. },
         }
+        | Command::Resync { config, .. }
         | Command::Checkpoint {
             action:
                 CheckpointAction::Backup { config, .. } | CheckpointAction::Restore { config, .. },
@@ -211,6 +224,9 @@ fn main() -> ExitCode {
             },
         )),
         Command::Offsets { action } => runtime.block_on(offsets_command(cfg, action)),
+        Command::Resync { source, table, .. } => {
+            runtime.block_on(resync_command(cfg, source, table))
+        }
         Command::Checkpoint { action } => checkpoint_command(cfg, action),
     };
     let code = match result {
@@ -619,6 +635,11 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// GETs `path` from the admin endpoint; `None` when nothing answers there.
 async fn admin_get(cfg: &Config, path: &str) -> Option<(u16, String)> {
+    admin_request(cfg, "GET", path).await
+}
+
+/// Sends a request without a body to the admin endpoint; `None` when nothing answers there.
+async fn admin_request(cfg: &Config, method: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut addr = cfg.admin.listen;
     if addr.ip().is_unspecified() {
@@ -635,7 +656,7 @@ async fn admin_get(cfg: &Config, path: &str) -> Option<(u16, String)> {
         .as_deref()
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
     tokio::time::timeout(
@@ -649,6 +670,72 @@ async fn admin_get(cfg: &Config, path: &str) -> Option<(u16, String)> {
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
     Some((code, body))
+}
+
+async fn resync_command(cfg: Config, source: String, table: String) -> anyhow::Result<ExitCode> {
+    let Some(s) = cfg.sources.get(&source) else {
+        eprintln!("bitclone9: no source named {source:?} in the configuration");
+        return Ok(ExitCode::from(2));
+    };
+    let Some(id) = bitclone9::admin::parse_table(&table) else {
+        eprintln!("bitclone9: {table:?} is not a table name: write schema.table");
+        return Ok(ExitCode::from(2));
+    };
+    let segment = |t: &str| -> String {
+        t.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    };
+    let path = format!(
+        "/connectors/{}/tables/{}/resync",
+        segment(&source),
+        segment(&id.to_string())
+    );
+    if let Some((code, body)) = admin_request(&cfg, "POST", &path).await {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        return Ok(match (code, v["result"].as_str(), v["error"].as_str()) {
+            (200, Some(done), _) => {
+                println!("{source}: {done}");
+                ExitCode::SUCCESS
+            }
+            (_, _, Some(why)) => {
+                println!("the daemon at {} refused ({code}): {why}", cfg.admin.listen);
+                ExitCode::from(1)
+            }
+            _ => {
+                println!(
+                    "the daemon at {} answered {code}: {}",
+                    cfg.admin.listen,
+                    body.trim()
+                );
+                ExitCode::from(1)
+            }
+        });
+    }
+    // Nothing answers: record the request for the next start, once the table is known.
+    let captured = bitclone9_postgres_source::check(&bitclone9::source_settings(&source, s))
+        .await
+        .context("reading the source's tables")?;
+    if !captured.contains(&id) {
+        println!("table {id} is not captured by source {source} (see its include/exclude and the database's tables)");
+        return Ok(ExitCode::from(1));
+    }
+    let store = CheckpointStore::open(&cfg.daemon.state_dir).with_context(|| {
+        format!(
+            "the daemon does not answer on {} but holds the checkpoint store",
+            cfg.admin.listen
+        )
+    })?;
+    store.request_resync(&source, &id)?;
+    tracing::info!(target: "bitclone9::audit", action = "resync", connector = %source, table = %id, result = "recorded for the next start", "admin action");
+    println!("{source}: resync of {id} recorded: it runs when the daemon next starts");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn status_command(cfg: Config) -> anyhow::Result<ExitCode> {

@@ -800,9 +800,18 @@ async fn resync_a_table_repairs_the_target_while_changes_keep_flowing() {
         3,
     )
     .await;
+    // A fixed admin port, so that the CLI finds the running daemon.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
     let text = std::fs::read_to_string(&cl.config)
         .expect("read")
-        .replace("[admin]", "[admin]\ntoken = \"resync-token\"");
+        .replace("[admin]", "[admin]\ntoken = \"resync-token\"")
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        );
     std::fs::write(&cl.config, text).expect("write");
     let token = Some("resync-token");
     let db = cl.spec.db.clone();
@@ -935,6 +944,47 @@ async fn resync_a_table_repairs_the_target_while_changes_keep_flowing() {
             && l.contains("table=public.t")),
         "audit line for the resync:\n{log}"
     );
+    // The CLI goes through the running daemon...
+    cl.dst
+        .batch_execute("UPDATE t SET v = 'cli' WHERE id < 50")
+        .await
+        .expect("tamper");
+    let (code, out) = cli(
+        &cl.config,
+        &["resync", "--source", &db, "--table", "public.t"],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("resync of public.t started"), "{out}");
+    wait_equal(&cl, &tables, Duration::from_secs(90)).await;
+    assert_eq!(daemon.terminate(), Some(0));
+    // ...or, with the daemon down, records the request for its next start.
+    let (code, out) = cli(
+        &cl.config,
+        &["resync", "--source", &db, "--table", "public.nope"],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not captured"), "{out}");
+    cl.dst
+        .batch_execute("DELETE FROM t WHERE id > 2000")
+        .await
+        .expect("tamper");
+    let (code, out) = cli(
+        &cl.config,
+        &["resync", "--source", &db, "--table", "t"],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("recorded: it runs when the daemon next starts"),
+        "{out}"
+    );
+    let mut daemon = Daemon::start(&cl.config, "resync2");
+    wait_equal(&cl, &tables, Duration::from_secs(90)).await;
+    daemon
+        .wait_log("resync delivered", Duration::from_secs(30))
+        .await;
     assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }
