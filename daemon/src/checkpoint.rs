@@ -19,15 +19,17 @@ pub enum CheckpointError {
 
 pub struct CheckpointStore {
     db: rocksdb::DB,
-    /// The scratch folder of a secondary instance (a view of a store a daemon holds).
-    secondary: Option<PathBuf>,
+    /// The scratch folder of a secondary instance (a view of a store a daemon holds). Declared
+    /// after `db`, so it is removed only once the database is closed.
+    _secondary: Option<Scratch>,
 }
 
-impl Drop for CheckpointStore {
+/// A folder removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Some(dir) = &self.secondary {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -37,8 +39,18 @@ fn lsn_key(source: &str) -> String {
 fn snapshot_key(source: &str) -> String {
     format!("source/{source}/snapshot_done")
 }
-fn resync_key(source: &str) -> String {
-    format!("source/{source}/resync")
+fn resync_prefix(source: &str) -> String {
+    format!("source/{source}/resync/")
+}
+fn resync_key(source: &str, table: &TableId) -> Vec<u8> {
+    let mut key = resync_prefix(source).into_bytes();
+    // JSON keeps any schema or table name apart, dots and slashes included.
+    key.extend(
+        serde_json::json!([table.schema, table.name])
+            .to_string()
+            .into_bytes(),
+    );
+    key
 }
 
 impl CheckpointStore {
@@ -63,7 +75,7 @@ impl CheckpointStore {
         })?;
         Ok(Self {
             db,
-            secondary: None,
+            _secondary: None,
         })
     }
 
@@ -76,8 +88,12 @@ impl CheckpointStore {
             detail,
         };
         static VIEWS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let scratch = std::env::temp_dir().join(format!(
-            "bitclone9-view-{}-{}",
+            "bitclone9-view-{}-{}-{nanos}",
             std::process::id(),
             VIEWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
@@ -90,7 +106,7 @@ impl CheckpointStore {
             })?;
         let view = Self {
             db,
-            secondary: Some(scratch),
+            _secondary: Some(Scratch(scratch)),
         };
         view.db
             .try_catch_up_with_primary()
@@ -237,53 +253,44 @@ impl CheckpointStore {
 
     /// The tables of `source` whose resync was asked for and not yet delivered.
     pub fn pending_resyncs(&self, source: &str) -> Result<Vec<TableId>, CheckpointError> {
-        let key = resync_key(source);
-        let Some(bytes) = self.db.get(&key)? else {
-            return Ok(Vec::new());
-        };
-        let pairs: Vec<(String, String)> =
-            serde_json::from_slice(&bytes).map_err(|_| CheckpointError::Corrupt(key))?;
-        Ok(pairs
-            .into_iter()
-            .map(|(schema, name)| TableId::new(schema, name))
-            .collect())
-    }
-
-    fn put_resyncs(&self, source: &str, tables: &[TableId]) -> Result<(), CheckpointError> {
-        let key = resync_key(source);
-        let mut w = rocksdb::WriteOptions::default();
-        w.set_sync(true);
-        if tables.is_empty() {
-            self.db.delete_opt(&key, &w)?;
-        } else {
-            let pairs: Vec<(&str, &str)> = tables
-                .iter()
-                .map(|t| (t.schema.as_str(), t.name.as_str()))
-                .collect();
-            let bytes =
-                serde_json::to_vec(&pairs).map_err(|_| CheckpointError::Corrupt(key.clone()))?;
-            self.db.put_opt(&key, bytes, &w)?;
+        let prefix = resync_prefix(source);
+        let mut tables = Vec::new();
+        for kv in self.db.prefix_iterator(prefix.as_bytes()) {
+            let (k, _) = kv?;
+            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
+                break;
+            };
+            let (schema, name): (String, String) = serde_json::from_slice(rest)
+                .map_err(|_| CheckpointError::Corrupt(String::from_utf8_lossy(&k).into()))?;
+            tables.push(TableId::new(schema, name));
         }
-        Ok(())
+        Ok(tables)
     }
 
     /// Records (durably) that `table` of `source` is to be read again; the request survives a
-    /// crash until the resync is delivered. Returns false when it was already pending.
+    /// crash until the resync is delivered. One key per table, so that recording a request and
+    /// finishing another never overwrite each other. Returns false when it was already pending.
     pub fn request_resync(&self, source: &str, table: &TableId) -> Result<bool, CheckpointError> {
-        let mut tables = self.pending_resyncs(source)?;
-        if tables.contains(table) {
+        let key = resync_key(source, table);
+        if self.db.get(&key)?.is_some() {
             return Ok(false);
         }
-        tables.push(table.clone());
-        self.put_resyncs(source, &tables)?;
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.db.put_opt(&key, b"", &w)?;
         Ok(true)
     }
 
-    /// Forgets the resync requests of `done` (delivered); later requests stay.
+    /// Forgets the resync requests of `done` (delivered); others stay.
     pub fn finish_resyncs(&self, source: &str, done: &[TableId]) -> Result<(), CheckpointError> {
-        let mut tables = self.pending_resyncs(source)?;
-        tables.retain(|t| !done.contains(t));
-        self.put_resyncs(source, &tables)
+        let mut batch = rocksdb::WriteBatch::default();
+        for t in done {
+            batch.delete(resync_key(source, t));
+        }
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.db.write_opt(batch, &w)?;
+        Ok(())
     }
 
     /// Stores the source's confirmed position if it is ahead of the stored one.
@@ -327,6 +334,30 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resync_requests_are_kept_per_table_until_finished() {
+        let dir = std::env::temp_dir().join(format!("bc9-resync-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (a, b) = (TableId::new("public", "a.b"), TableId::new("s/x", "t"));
+        {
+            let store = CheckpointStore::open(&dir).expect("open");
+            assert!(store.request_resync("src", &a).expect("request"));
+            assert!(store.request_resync("src", &b).expect("request"));
+            assert!(!store.request_resync("src", &a).expect("again"));
+            assert!(store.request_resync("src2", &a).expect("other source"));
+            store
+                .finish_resyncs("src", std::slice::from_ref(&a))
+                .expect("finish");
+        }
+        let store = CheckpointStore::open(&dir).expect("reopen");
+        assert_eq!(store.pending_resyncs("src").expect("read"), vec![b.clone()]);
+        assert_eq!(store.load_source("src").expect("load").resync, vec![b]);
+        assert_eq!(store.pending_resyncs("src2").expect("read"), vec![a]);
+        assert!(store.pending_resyncs("sr").expect("read").is_empty());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn positions_never_move_backward_and_survive_reopen() {

@@ -47,8 +47,8 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
-/// Where `bitclone9 run` sends its spans (connector runs, source batches, sink batches).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// Where `bitclone9 run` sends its spans (source batches, sink batches).
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// An OTLP/HTTP (protobuf) endpoint, e.g. `http://127.0.0.1:4318`; `/v1/traces` is added
@@ -63,6 +63,63 @@ pub struct TelemetryConfig {
     /// The share of traces kept, from 0 to 1.
     #[serde(default = "default_sample_ratio")]
     pub sample_ratio: f64,
+}
+
+/// Secrets print as `<redacted>` (or `None`), so a `{:?}` of the configuration never leaks one.
+fn redacted(v: &Option<String>) -> &'static str {
+    if v.is_some() {
+        "Some(<redacted>)"
+    } else {
+        "None"
+    }
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field(
+                "key_password",
+                &format_args!("{}", redacted(&self.key_password)),
+            )
+            .field("verify_hostname", &self.verify_hostname)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SaslConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaslConfig")
+            .field("mechanism", &self.mechanism)
+            .field("username", &self.username)
+            .field("password", &format_args!("<redacted>"))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("username", &self.username)
+            .field("password", &format_args!("{}", redacted(&self.password)))
+            .field("token", &format_args!("{}", redacted(&self.token)))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for TelemetryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<&String> = self.headers.keys().collect();
+        f.debug_struct("TelemetryConfig")
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("service_name", &self.service_name)
+            .field("headers (values redacted)", &headers)
+            .field("sample_ratio", &self.sample_ratio)
+            .finish()
+    }
 }
 
 fn default_service_name() -> String {
@@ -156,7 +213,7 @@ pub struct KafkaConfig {
 }
 
 /// PEM files for TLS towards Kafka or the registry.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The CA that signed the servers' certificates; the system's roots when absent.
@@ -190,7 +247,7 @@ impl SaslMechanism {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SaslConfig {
     pub mechanism: SaslMechanism,
@@ -199,7 +256,7 @@ pub struct SaslConfig {
 }
 
 /// How to log into the schema registry: basic auth (`username`/`password`) or a bearer `token`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     pub username: Option<String>,
@@ -452,7 +509,26 @@ impl Config {
         })?;
         let mut config = Self::parse(file, &text, &|name| std::env::var(name).ok())?;
         config.warnings = world_readable_secrets(file, &text);
+        config.warnings.extend(config.credentials_in_clear());
         Ok(config)
+    }
+
+    /// Logins the configuration would send unencrypted over the network.
+    pub fn credentials_in_clear(&self) -> Vec<String> {
+        let k = &self.kafka;
+        let mut out = Vec::new();
+        if let Some(sasl) = &k.sasl {
+            if k.tls.is_none() && sasl.mechanism == SaslMechanism::Plain {
+                out.push("kafka.sasl: PLAIN without [kafka.tls] sends the Kafka password unencrypted: add [kafka.tls], or use a SCRAM mechanism".to_string());
+            }
+        }
+        let r = &k.schema_registry;
+        if (r.password.is_some() || r.token.is_some())
+            && k.schema_registry_url.starts_with("http://")
+        {
+            out.push(format!("kafka.schema_registry: the registry login goes unencrypted to {}: use an https:// schema_registry_url", k.schema_registry_url));
+        }
+        out
     }
 
     /// Parses `text` (from `file`, for messages), looking up `${VAR}`s with `env`.
@@ -895,13 +971,9 @@ fn world_readable_secrets(file: &Path, text: &str) -> Vec<String> {
         .and_then(|t| t.get("headers"))
         .and_then(toml::Value::as_table)
     {
+        // Export headers exist to carry credentials (API keys, tokens): any literal one counts.
         for (k, v) in h {
-            let k_low = k.to_ascii_lowercase();
-            if ["auth", "key", "token", "secret"]
-                .iter()
-                .any(|w| k_low.contains(w))
-                && literal(Some(v))
-            {
+            if literal(Some(v)) {
                 keys.push(format!("telemetry.headers.\"{k}\""));
             }
         }
@@ -1133,6 +1205,30 @@ database = "shop"
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         assert!(world_readable_secrets(&file, text).is_empty());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn logins_sent_in_clear_are_warned_about_and_secrets_stay_out_of_debug() {
+        let text = GOOD.replace(
+            "schema_registry_url = \"http://127.0.0.1:8081/apis/ccompat/v7\"",
+            "schema_registry_url = \"http://127.0.0.1:8081/apis/ccompat/v7\"\n[kafka.sasl]\nmechanism = \"PLAIN\"\nusername = \"u\"\npassword = \"sasl-secret\"\n[kafka.schema_registry]\ntoken = \"token-secret\"",
+        );
+        let c = parse(&text).expect("valid");
+        let w = c.credentials_in_clear().join("\n");
+        assert!(w.contains("kafka.sasl: PLAIN without [kafka.tls]"), "{w}");
+        assert!(
+            w.contains("kafka.schema_registry: the registry login goes unencrypted"),
+            "{w}"
+        );
+        let debug = format!("{:?}", c.kafka);
+        assert!(
+            !debug.contains("sasl-secret") && !debug.contains("token-secret"),
+            "{debug}"
+        );
+        assert!(parse(GOOD)
+            .expect("valid")
+            .credentials_in_clear()
+            .is_empty());
     }
 
     #[test]

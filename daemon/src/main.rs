@@ -382,6 +382,9 @@ async fn admin_action(
             let Some(source) = cfg.sources.get(name) else {
                 return Err((400, format!("{name} is a sink: resync reads a source's table again (to apply a topic again, stop the daemon and use `bitclone9 offsets reset`)")));
             };
+            if let Some(why) = resync_refusal(name, source) {
+                return Err((400, why));
+            }
             let captured =
                 bitclone9_postgres_source::check(&bitclone9::source_settings(name, source))
                     .await
@@ -395,6 +398,14 @@ async fn admin_action(
             if paused.contains(name) {
                 return Ok(format!(
                     "resync of {table} recorded: it runs when {name} resumes"
+                ));
+            }
+            let state = status.snapshot().get(name).map(|c| c.state);
+            if state == Some(bitclone9::status::ConnectorState::Snapshotting) {
+                // Restarting would throw the snapshot in progress away; the connector reads
+                // the requests still pending as soon as it is done.
+                return Ok(format!(
+                    "resync of {table} recorded: it runs once the snapshot in progress ends"
                 ));
             }
             if !new && running.contains_key(name) {
@@ -635,21 +646,51 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// GETs `path` from the admin endpoint; `None` when nothing answers there.
 async fn admin_get(cfg: &Config, path: &str) -> Option<(u16, String)> {
-    admin_request(cfg, "GET", path).await
+    admin_request(cfg, "GET", path, std::time::Duration::from_secs(10))
+        .await
+        .ok()
+        .flatten()
 }
 
-/// Sends a request without a body to the admin endpoint; `None` when nothing answers there.
-async fn admin_request(cfg: &Config, method: &str, path: &str) -> Option<(u16, String)> {
+/// Sends a request without a body to the admin endpoint: `Ok(None)` when nothing listens
+/// there, `Err` when the daemon took the request but gave no answer within `wait`.
+async fn admin_request(
+    cfg: &Config,
+    method: &str,
+    path: &str,
+    wait: std::time::Duration,
+) -> Result<Option<(u16, String)>, String> {
+    match admin_call(cfg, method, path, wait).await {
+        Exchange::Refused => Ok(None),
+        Exchange::NoAnswer => Err(format!(
+            "the daemon at {} took the request but did not answer within {}s",
+            cfg.admin.listen,
+            wait.as_secs()
+        )),
+        Exchange::Answer(code, body) => Ok(Some((code, body))),
+    }
+}
+
+/// How a call to the admin endpoint went.
+enum Exchange {
+    /// Nothing listens there (the daemon is down).
+    Refused,
+    /// Connected, but no complete answer came in time.
+    NoAnswer,
+    Answer(u16, String),
+}
+
+async fn admin_call(cfg: &Config, method: &str, path: &str, wait: std::time::Duration) -> Exchange {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut addr = cfg.admin.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let connect = tokio::net::TcpStream::connect(addr);
-    let mut stream = tokio::time::timeout(std::time::Duration::from_secs(3), connect)
-        .await
-        .ok()?
-        .ok()?;
+    let mut stream = match tokio::time::timeout(std::time::Duration::from_secs(3), connect).await {
+        Ok(Ok(s)) => s,
+        _ => return Exchange::Refused,
+    };
     let auth = cfg
         .admin
         .token
@@ -657,19 +698,28 @@ async fn admin_request(cfg: &Config, method: &str, path: &str) -> Option<(u16, S
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.ok()?;
+    if stream.write_all(req.as_bytes()).await.is_err() {
+        return Exchange::NoAnswer;
+    }
     let mut buf = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        stream.read_to_end(&mut buf),
-    )
-    .await
-    .ok()?
-    .ok()?;
+    match tokio::time::timeout(wait, stream.read_to_end(&mut buf)).await {
+        Ok(Ok(_)) => {}
+        _ => return Exchange::NoAnswer,
+    }
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((code, body))
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    match (code, body) {
+        (Some(code), Some(body)) => Exchange::Answer(code, body),
+        _ => Exchange::NoAnswer,
+    }
+}
+
+/// Why a table of `source` cannot be read again, if it cannot.
+fn resync_refusal(name: &str, source: &bitclone9::config::SourceConfig) -> Option<String> {
+    bitclone9::topic_settings(name, source).compacted().then(|| format!(
+        "source {name} writes compacted topics, which cannot carry the truncate a resync opens with: rows gone from the source would stay in the targets"
+    ))
 }
 
 async fn resync_command(cfg: Config, source: String, table: String) -> anyhow::Result<ExitCode> {
@@ -677,6 +727,10 @@ async fn resync_command(cfg: Config, source: String, table: String) -> anyhow::R
         eprintln!("bitclone9: no source named {source:?} in the configuration");
         return Ok(ExitCode::from(2));
     };
+    if let Some(why) = resync_refusal(&source, s) {
+        println!("{why}");
+        return Ok(ExitCode::from(1));
+    }
     let Some(id) = bitclone9::admin::parse_table(&table) else {
         eprintln!("bitclone9: {table:?} is not a table name: write schema.table");
         return Ok(ExitCode::from(2));
@@ -697,7 +751,11 @@ async fn resync_command(cfg: Config, source: String, table: String) -> anyhow::R
         segment(&source),
         segment(&id.to_string())
     );
-    if let Some((code, body)) = admin_request(&cfg, "POST", &path).await {
+    // The daemon stops the source cleanly before answering: give it time.
+    let answer = admin_request(&cfg, "POST", &path, std::time::Duration::from_secs(120))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; see `bitclone9 status` for the resync's progress"))?;
+    if let Some((code, body)) = answer {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         return Ok(match (code, v["result"].as_str(), v["error"].as_str()) {
             (200, Some(done), _) => {

@@ -139,15 +139,23 @@ pub async fn restart_on_failure<F, Fut, E>(
     loop {
         let started = Instant::now();
         status.set_state(name, ConnectorState::Starting);
+        // The run's span names the connector on every log line; it lives as long as the run,
+        // so it is not exported (see telemetry.rs): each batch is a trace of its own.
         let span = match kind {
-            "sink" => tracing::info_span!("sink", connector = %name),
-            _ => tracing::info_span!("source", connector = %name),
+            "sink" => tracing::info_span!(target: "bitclone9::run", "sink", connector = %name),
+            _ => tracing::info_span!(target: "bitclone9::run", "source", connector = %name),
         };
         let result = tracing::Instrument::instrument(run(shutdown.clone()), span).await;
         let e = match result {
-            Ok(()) => {
+            Ok(()) if *shutdown.borrow() => {
                 status.set_state(name, ConnectorState::Stopped);
                 return;
+            }
+            // A clean stop without a shutdown asks for a fresh start (e.g. to read a table
+            // again that was asked for while a snapshot ran).
+            Ok(()) => {
+                tracing::info!(connector = %name, "{kind} restarting");
+                continue;
             }
             Err(e) => e,
         };
@@ -199,6 +207,7 @@ async fn run_once(
     }
     let name = cfg.source.name.clone();
     let resume = store.load_source(&name)?;
+    let started_with = resume.resync.clone();
     tracing::info!(connector = %name, lsn = ?resume.lsn.map(|l| l.to_string()), snapshot_done = resume.snapshot_done, "starting pipeline");
     let info = SourceInfo {
         name: name.clone(),
@@ -235,7 +244,13 @@ async fn run_once(
     let mut events = Vec::with_capacity(4096);
     let mut deliveries: Vec<Delivery> = Vec::with_capacity(4096);
     let mut last_position = None;
+    let mut restart_for_resync = false;
     let result: Result<(), PipelineError> = loop {
+        if restart_for_resync {
+            // Stop cleanly (deliveries, checkpoint) and start again: the next run reads them.
+            tracing::info!(connector = %name, "more tables to read again were asked for meanwhile: restarting");
+            break Ok(());
+        }
         events.clear();
         tokio::select! {
             biased;
@@ -265,13 +280,18 @@ async fn run_once(
         let mut counts = [0u64; 5];
         let mut failed = None;
         let mut items: Vec<AckItem> = Vec::new();
-        // One span per batch (not per event): what was read and up to which position.
-        let batch_span = tracing::info_span!(
-            "source_batch",
-            connector = %name,
-            events = events.len(),
-            lsn = tracing::field::Empty
-        );
+        // One span per batch of changes (not per event, nor for keepalives): what was read
+        // and up to which position.
+        let batch_span = if events.iter().any(|e| matches!(e, SourceEvent::Change(_))) {
+            tracing::info_span!(
+                "source_batch",
+                connector = %name,
+                events = events.len(),
+                lsn = tracing::field::Empty
+            )
+        } else {
+            tracing::Span::none()
+        };
         let entered = batch_span.clone();
         let handing_over = async {
             for ev in events.drain(..) {
@@ -298,10 +318,12 @@ async fn run_once(
                     SourceEvent::SnapshotDone { consistent_point } => {
                         push_deliveries(&mut items, &mut deliveries);
                         items.push(AckItem::SnapshotDone(consistent_point));
+                        restart_for_resync |= asked_meanwhile(store, &name, &started_with);
                     }
                     SourceEvent::ResyncDone { tables } => {
                         push_deliveries(&mut items, &mut deliveries);
                         items.push(AckItem::ResyncDone(tables));
+                        restart_for_resync |= asked_meanwhile(store, &name, &started_with);
                     }
                 }
             }
@@ -364,6 +386,17 @@ async fn run_once(
     tracing::info!(connector = %name, lsn = ?final_lsn.map(|l| l.to_string()), "pipeline stopped");
     source.shutdown(final_lsn).await;
     result
+}
+
+/// Whether resyncs were asked for that this run did not start with (so it does not read them).
+fn asked_meanwhile(
+    store: &CheckpointStore,
+    name: &str,
+    started_with: &[bitclone9_core::TableId],
+) -> bool {
+    store
+        .pending_resyncs(name)
+        .is_ok_and(|p| p.iter().any(|t| !started_with.contains(t)))
 }
 
 /// Awaits deliveries in order; checkpoints and confirms positions they cover.

@@ -1,6 +1,6 @@
-//! Span export over OTLP/HTTP, when `[telemetry]` is configured: the connector runs, each
-//! source batch (events, LSN) and each sink batch (records, offsets, LSN) become spans, with
-//! the log lines inside them as span events. Spans are batched on a thread of their own and
+//! Span export over OTLP/HTTP, when `[telemetry]` is configured: each source batch (events,
+//! LSN) and each sink batch (records, offsets, LSN) becomes a trace, with the log lines inside
+//! it as span events. Spans are batched on a thread of their own and
 //! flushed when the daemon stops.
 
 use crate::config::TelemetryConfig;
@@ -63,8 +63,11 @@ where
         .build();
     let tracer = provider.tracer("bitclone9");
     // BitClone9's own spans and events only, at info and above: never the clients' internals.
+    // A connector run's span lasts as long as the run (days): left out, so that each batch is
+    // a trace of its own, sampled on its own, and sent when it ends.
     let only_ours = Targets::new()
         .with_target("bitclone9", LevelFilter::INFO)
+        .with_target("bitclone9::run", LevelFilter::OFF)
         .with_default(LevelFilter::OFF);
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)

@@ -1102,8 +1102,9 @@ async fn begin_resync(
         resync: requested.to_vec(),
         resync_only: true,
     };
-    let mut slot: String = cfg.slot.chars().take(56).collect();
-    slot.push_str("_resync");
+    // Unique per process: a temporary slot of an earlier session may not be released yet.
+    let mut slot: String = cfg.slot.chars().take(44).collect();
+    slot.push_str(&format!("_resync_{}", std::process::id()));
     let target = format!(
         "{}:{} (database {})",
         cfg.endpoint.host, cfg.endpoint.port, cfg.endpoint.database
