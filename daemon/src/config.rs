@@ -4,6 +4,7 @@
 //! deserialize into typed structs (unknown keys rejected) → check values. Every error names the
 //! file, the key path and what was expected, so a bad file is fixed in one look.
 
+use bitclone9_kafka::TlsFiles;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -71,21 +72,6 @@ fn redacted(v: &Option<String>) -> &'static str {
         "Some(<redacted>)"
     } else {
         "None"
-    }
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("ca_file", &self.ca_file)
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .field(
-                "key_password",
-                &format_args!("{}", redacted(&self.key_password)),
-            )
-            .field("verify_hostname", &self.verify_hostname)
-            .finish()
     }
 }
 
@@ -204,27 +190,12 @@ pub struct KafkaConfig {
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
     /// TLS towards the brokers (`[kafka.tls]`); present = on.
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<TlsFiles>,
     /// SASL login towards the brokers (`[kafka.sasl]`).
     pub sasl: Option<SaslConfig>,
     /// Login and TLS towards the schema registry (`[kafka.schema_registry]`).
     #[serde(default)]
     pub schema_registry: RegistryConfig,
-}
-
-/// PEM files for TLS towards Kafka or the registry.
-#[derive(Clone, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The CA that signed the servers' certificates; the system's roots when absent.
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate and its key, for servers that ask for one.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    /// The key's password when it is encrypted (Kafka only).
-    pub key_password: Option<String>,
-    #[serde(default = "yes")]
-    pub verify_hostname: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -262,7 +233,7 @@ pub struct RegistryConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<TlsFiles>,
 }
 
 fn default_request_timeout() -> Duration {
@@ -892,7 +863,7 @@ fn check_connection(c: &PgConnection, at: &dyn Fn(&str) -> String) -> Result<(),
 }
 
 /// The PEM files of a TLS section must exist; a client certificate needs its key.
-fn check_tls_files(tls: &TlsConfig, at: &str) -> Result<(), (String, String)> {
+fn check_tls_files(tls: &TlsFiles, at: &str) -> Result<(), (String, String)> {
     if tls.cert_file.is_some() != tls.key_file.is_some() {
         return Err((
             format!(

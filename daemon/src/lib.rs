@@ -94,7 +94,7 @@ pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
             .collect(),
         request_timeout: cfg.kafka.request_timeout,
         security: bitclone9_kafka::KafkaSecurity {
-            tls: cfg.kafka.tls.as_ref().map(tls_files),
+            tls: cfg.kafka.tls.clone(),
             sasl: cfg.kafka.sasl.as_ref().map(|s| bitclone9_kafka::SaslLogin {
                 mechanism: s.mechanism.name().to_string(),
                 username: s.username.clone(),
@@ -112,19 +112,9 @@ pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
                     (_, _, Some(token)) => bitclone9_kafka::RegistryAuth::Bearer(token.clone()),
                     _ => bitclone9_kafka::RegistryAuth::None,
                 },
-                tls: r.tls.as_ref().map(tls_files),
+                tls: r.tls.clone(),
             }
         },
-    }
-}
-
-fn tls_files(t: &crate::config::TlsConfig) -> bitclone9_kafka::TlsFiles {
-    bitclone9_kafka::TlsFiles {
-        ca_file: t.ca_file.clone(),
-        cert_file: t.cert_file.clone(),
-        key_file: t.key_file.clone(),
-        key_password: t.key_password.clone(),
-        verify_hostname: t.verify_hostname,
     }
 }
 

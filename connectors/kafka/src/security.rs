@@ -10,8 +10,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// TLS towards the brokers or the registry. Without `ca_file` the system's roots are trusted.
-#[derive(Clone, PartialEq, Eq, Default)]
+/// TLS towards the brokers or the registry (the `[kafka.tls]` and `[kafka.schema_registry.tls]`
+/// sections as they are). Without `ca_file` the system's roots are trusted.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub ca_file: Option<PathBuf>,
     /// A client certificate (PEM) and its key (PEM), for servers that ask for one.
@@ -20,7 +22,24 @@ pub struct TlsFiles {
     /// The key file's password, when it is encrypted (brokers only).
     pub key_password: Option<String>,
     /// Check that the server's certificate names the host connected to (on unless turned off).
+    #[serde(default = "yes")]
     pub verify_hostname: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TlsFiles {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            key_password: None,
+            verify_hostname: true,
+        }
+    }
 }
 
 impl fmt::Debug for TlsFiles {

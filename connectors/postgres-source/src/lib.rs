@@ -515,30 +515,12 @@ impl PostgresSource {
                 .simple_query(&sqlcmd)
                 .await
                 .map_err(|e| stream_err("creating the replication slot", e))?;
-            let row = rows.first().ok_or_else(|| {
-                SourceError::Stream("CREATE_REPLICATION_SLOT returned no row".into())
-            })?;
-            let text = |i: usize| {
-                row.get(i)
-                    .and_then(|v| v.as_ref())
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-            };
-            let consistent_point: Lsn = text(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
-                SourceError::Stream("CREATE_REPLICATION_SLOT returned no consistent point".into())
-            })?;
+            let (consistent_point, snapshot_name) = created_slot(&rows)?;
             tracing::info!(source = %cfg.name, slot = %cfg.slot, lsn = %consistent_point, "created replication slot");
             if !export {
                 announce_snapshot_done = Some(consistent_point);
             } else {
-                let snapshot_name = text(2).ok_or_else(|| {
-                    SourceError::Stream("CREATE_REPLICATION_SLOT exported no snapshot".into())
-                })?;
-                sql.batch_execute(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                    catalog::quote_literal(&snapshot_name)
-                ))
-                .await
-                .map_err(|e| SourceError::from_postgres("importing the slot's snapshot", e))?;
+                import_snapshot(&sql, snapshot_name, "importing the slot's snapshot").await?;
                 let mut schemas = VecDeque::new();
                 for t in &published {
                     schemas.push_back(Arc::new(
@@ -1050,6 +1032,41 @@ impl PostgresSource {
     }
 }
 
+/// The consistent point and the exported snapshot's name (if any) of CREATE_REPLICATION_SLOT.
+fn created_slot(
+    rows: &[pgwire_replication::QueryRow],
+) -> Result<(Lsn, Option<String>), SourceError> {
+    let row = rows
+        .first()
+        .ok_or_else(|| SourceError::Stream("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let text = |i: usize| {
+        row.get(i)
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let consistent_point = text(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+        SourceError::Stream("CREATE_REPLICATION_SLOT returned no consistent point".into())
+    })?;
+    Ok((consistent_point, text(2)))
+}
+
+/// Opens the read-only transaction that sees exactly the slot's exported snapshot.
+async fn import_snapshot(
+    sql: &tokio_postgres::Client,
+    snapshot_name: Option<String>,
+    what: &'static str,
+) -> Result<(), SourceError> {
+    let name = snapshot_name.ok_or_else(|| {
+        SourceError::Stream("CREATE_REPLICATION_SLOT exported no snapshot".into())
+    })?;
+    sql.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        catalog::quote_literal(&name)
+    ))
+    .await
+    .map_err(|e| SourceError::from_postgres(what, e))
+}
+
 /// The replication session settings of `cfg`, for the slot `slot`.
 fn replication_config(cfg: &PostgresSourceConfig, slot: &str) -> ReplicationConfig {
     ReplicationConfig::new(
@@ -1125,26 +1142,9 @@ async fn begin_resync(
             },
             e => stream_err("creating the resync's temporary slot", e),
         })?;
-    let row = rows
-        .first()
-        .ok_or_else(|| SourceError::Stream("CREATE_REPLICATION_SLOT returned no row".into()))?;
-    let text = |i: usize| {
-        row.get(i)
-            .and_then(|v| v.as_ref())
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-    };
-    state.consistent_point = text(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
-        SourceError::Stream("CREATE_REPLICATION_SLOT returned no consistent point".into())
-    })?;
-    let snapshot_name = text(2).ok_or_else(|| {
-        SourceError::Stream("CREATE_REPLICATION_SLOT exported no snapshot".into())
-    })?;
-    sql.batch_execute(&format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-        catalog::quote_literal(&snapshot_name)
-    ))
-    .await
-    .map_err(|e| SourceError::from_postgres("importing the resync's snapshot", e))?;
+    let (consistent_point, snapshot_name) = created_slot(&rows)?;
+    state.consistent_point = consistent_point;
+    import_snapshot(sql, snapshot_name, "importing the resync's snapshot").await?;
     // The importing transaction now holds the snapshot: the temporary slot can go.
     drop(repl);
     for t in &tables {
