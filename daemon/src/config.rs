@@ -49,7 +49,7 @@ pub struct Config {
 }
 
 /// Where `bitclone9 run` sends its spans (source batches, sink batches).
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// An OTLP/HTTP (protobuf) endpoint, e.g. `http://127.0.0.1:4318`; `/v1/traces` is added
@@ -60,51 +60,27 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// HTTP headers sent with every export (e.g. an API key).
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, Secret>,
     /// The share of traces kept, from 0 to 1.
     #[serde(default = "default_sample_ratio")]
     pub sample_ratio: f64,
 }
 
-/// Secrets print as `<redacted>` (or `None`), so a `{:?}` of the configuration never leaks one.
-fn redacted(v: &Option<String>) -> &'static str {
-    if v.is_some() {
-        "Some(<redacted>)"
-    } else {
-        "None"
+/// A password, token or header value from the configuration. It prints as `<redacted>`, so a
+/// `{:?}` of the configuration never shows one; `expose` is the only way to the value.
+#[derive(Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
     }
 }
 
-impl std::fmt::Debug for SaslConfig {
+impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SaslConfig")
-            .field("mechanism", &self.mechanism)
-            .field("username", &self.username)
-            .field("password", &format_args!("<redacted>"))
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for RegistryConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryConfig")
-            .field("username", &self.username)
-            .field("password", &format_args!("{}", redacted(&self.password)))
-            .field("token", &format_args!("{}", redacted(&self.token)))
-            .field("tls", &self.tls)
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for TelemetryConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let headers: Vec<&String> = self.headers.keys().collect();
-        f.debug_struct("TelemetryConfig")
-            .field("otlp_endpoint", &self.otlp_endpoint)
-            .field("service_name", &self.service_name)
-            .field("headers (values redacted)", &headers)
-            .field("sample_ratio", &self.sample_ratio)
-            .finish()
+        f.write_str("<redacted>")
     }
 }
 
@@ -161,7 +137,7 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer token the endpoint requires (all paths but `/healthz`); mandatory off loopback.
     #[serde(default)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
@@ -218,21 +194,21 @@ impl SaslMechanism {
     }
 }
 
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SaslConfig {
     pub mechanism: SaslMechanism,
     pub username: String,
-    pub password: String,
+    pub password: Secret,
 }
 
 /// How to log into the schema registry: basic auth (`username`/`password`) or a bearer `token`.
-#[derive(Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     pub username: Option<String>,
-    pub password: Option<String>,
-    pub token: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
     pub tls: Option<TlsFiles>,
 }
 
@@ -274,7 +250,7 @@ pub struct SourceConfig {
     pub port: u16,
     pub user: String,
     #[serde(default)]
-    pub password: String,
+    pub password: Secret,
     pub database: String,
     /// TLS: `disable`, `require`, `verify-ca` or `verify-full` (libpq's meanings).
     #[serde(default)]
@@ -384,7 +360,7 @@ pub struct SinkConfig {
     pub port: u16,
     pub user: String,
     #[serde(default)]
-    pub password: String,
+    pub password: Secret,
     pub database: String,
     #[serde(default)]
     pub sslmode: SslModeSetting,
@@ -542,7 +518,7 @@ impl Config {
             check_tls_files(tls, "kafka.tls")?;
         }
         if let Some(sasl) = &k.sasl {
-            if sasl.username.is_empty() || sasl.password.is_empty() {
+            if sasl.username.is_empty() || sasl.password.expose().is_empty() {
                 return Err((
                     "kafka.sasl".into(),
                     "a SASL login needs a non-empty username and password".into(),
@@ -589,7 +565,11 @@ impl Config {
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
         };
         if !self.admin.listen.ip().is_loopback()
-            && self.admin.token.as_deref().is_none_or(str::is_empty)
+            && self
+                .admin
+                .token
+                .as_ref()
+                .is_none_or(|t| t.expose().is_empty())
         {
             return Err((
                 "admin.token".into(),
@@ -813,7 +793,7 @@ macro_rules! connection_of {
                     host: &self.host,
                     port: self.port,
                     user: &self.user,
-                    password: &self.password,
+                    password: self.password.expose(),
                     database: &self.database,
                     sslmode: self.sslmode,
                     sslrootcert: self.sslrootcert.as_ref(),
@@ -1083,7 +1063,7 @@ database = "shop"
     fn good_config_with_defaults_and_interpolation() {
         let c = parse(GOOD).expect("valid");
         let s = &c.sources["demo"];
-        assert_eq!(s.password, "s3cret");
+        assert_eq!(s.password.expose(), "s3cret");
         assert_eq!(s.port, 5432);
         assert_eq!(s.slot_name("demo"), "bitclone9_demo");
         assert_eq!(s.include, vec!["public.*".to_string()]);
@@ -1115,7 +1095,10 @@ database = "shop"
             c.kafka.sasl.as_ref().map(|s| s.mechanism),
             Some(SaslMechanism::ScramSha512)
         );
-        assert_eq!(c.kafka.schema_registry.token.as_deref(), Some("s3cret"));
+        assert_eq!(
+            c.kafka.schema_registry.token.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
 
         let err = |extra: &str| -> String {
             match parse(&with(extra)) {
@@ -1191,7 +1174,8 @@ database = "shop"
             w.contains("kafka.schema_registry: the registry login goes unencrypted"),
             "{w}"
         );
-        let debug = format!("{:?}", c.kafka);
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret"), "the source password: {debug}");
         assert!(
             !debug.contains("sasl-secret") && !debug.contains("token-secret"),
             "{debug}"
@@ -1291,10 +1275,10 @@ database = "shop"
         };
         let text = GOOD.replace("${PGPASS}", "${credential:pg}");
         let c = Config::parse(Path::new("t.toml"), &text, &env).expect("credential");
-        assert_eq!(c.sources["demo"].password, "from-credential");
+        assert_eq!(c.sources["demo"].password.expose(), "from-credential");
         let text = GOOD.replace("${PGPASS}", &format!("${{file:{}/pw.txt}}", dir.display()));
         let c = Config::parse(Path::new("t.toml"), &text, &env).expect("file");
-        assert_eq!(c.sources["demo"].password, "from-file");
+        assert_eq!(c.sources["demo"].password.expose(), "from-file");
         let text = GOOD.replace("${PGPASS}", "${credential:missing}");
         match Config::parse(Path::new("t.toml"), &text, &env) {
             Err(ConfigError::Invalid { path, message, .. }) => {
@@ -1309,7 +1293,7 @@ database = "shop"
     #[test]
     fn dollar_escape_keeps_a_literal() {
         let c = parse(&GOOD.replace("${PGPASS}", "a$${b}")).expect("valid");
-        assert_eq!(c.sources["demo"].password, "a${b}");
+        assert_eq!(c.sources["demo"].password.expose(), "a${b}");
     }
 
     #[test]

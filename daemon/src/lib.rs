@@ -98,7 +98,7 @@ pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
             sasl: cfg.kafka.sasl.as_ref().map(|s| bitclone9_kafka::SaslLogin {
                 mechanism: s.mechanism.name().to_string(),
                 username: s.username.clone(),
-                password: s.password.clone(),
+                password: s.password.expose().to_string(),
             }),
         },
         registry_access: {
@@ -107,9 +107,11 @@ pub fn kafka_settings(cfg: &Config) -> KafkaSettings {
                 auth: match (&r.username, &r.password, &r.token) {
                     (Some(username), Some(password), _) => bitclone9_kafka::RegistryAuth::Basic {
                         username: username.clone(),
-                        password: password.clone(),
+                        password: password.expose().to_string(),
                     },
-                    (_, _, Some(token)) => bitclone9_kafka::RegistryAuth::Bearer(token.clone()),
+                    (_, _, Some(token)) => {
+                        bitclone9_kafka::RegistryAuth::Bearer(token.expose().to_string())
+                    }
                     _ => bitclone9_kafka::RegistryAuth::None,
                 },
                 tls: r.tls.clone(),

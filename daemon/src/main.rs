@@ -513,7 +513,7 @@ async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
     let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(8);
     let admin_addr = bitclone9::admin::serve(
         cfg.admin.listen,
-        cfg.admin.token.clone(),
+        cfg.admin.token.as_ref().map(|t| t.expose().to_string()),
         status.clone(),
         metrics,
         admin_tx,
@@ -694,8 +694,8 @@ async fn admin_call(cfg: &Config, method: &str, path: &str, wait: std::time::Dur
     let auth = cfg
         .admin
         .token
-        .as_deref()
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .as_ref()
+        .map(|t| format!("Authorization: Bearer {}\r\n", t.expose()))
         .unwrap_or_default();
     let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
     if stream.write_all(req.as_bytes()).await.is_err() {

@@ -40,7 +40,12 @@ where
         .with_http()
         .with_endpoint(endpoint.clone())
         .with_timeout(Duration::from_secs(10))
-        .with_headers(cfg.headers.clone().into_iter().collect())
+        .with_headers(
+            cfg.headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_string()))
+                .collect(),
+        )
         .build()
         .map_err(|e| TelemetryError {
             endpoint,

@@ -451,26 +451,26 @@ pub async fn consume(topic: &str, min: usize, idle: Duration, timeout: Duration)
             _ => {}
         }
     }
+    // Each decode is bounded: a registry call that never completes fails the test rather
+    // than hanging the whole run.
+    let decode = |bytes: Vec<u8>, what: &'static str| {
+        let decoder = &decoder;
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), decoder.decode(Some(&bytes)))
+                .await
+                .unwrap_or_else(|_| panic!("{what} not decoded within 60 s"))
+                .unwrap_or_else(|e| panic!("{what} decodes through the registry: {e}"))
+                .value
+        }
+    };
     let mut out = Vec::with_capacity(raw.len());
     for (headers, partition, offset, key, value) in raw {
         let key = match key {
-            Some(k) => Some(
-                decoder
-                    .decode(Some(&k))
-                    .await
-                    .expect("key decodes through the registry")
-                    .value,
-            ),
+            Some(k) => Some(decode(k, "key").await),
             None => None,
         };
         let value = match value {
-            Some(v) => Some(
-                decoder
-                    .decode(Some(&v))
-                    .await
-                    .expect("value decodes through the registry")
-                    .value,
-            ),
+            Some(v) => Some(decode(v, "value").await),
             None => None,
         };
         out.push(Record {
