@@ -17,6 +17,7 @@ export BC9_REGISTRY_MGMT_PORT="${BC9_REGISTRY_MGMT_PORT:-$((BC9_REGISTRY_PORT + 
 # TLS listeners with authentication, for clients configured like production ones.
 export BC9_KAFKA_SECURE_PORT="${BC9_KAFKA_SECURE_PORT:-$((BC9_KAFKA_PORT + 2))}"
 export BC9_REGISTRY_SECURE_PORT="${BC9_REGISTRY_SECURE_PORT:-$((BC9_REGISTRY_PORT + 362))}"
+export BC9_KAFKA_MTLS_PORT="${BC9_KAFKA_MTLS_PORT:-$((BC9_KAFKA_PORT + 3))}"
 
 # What the stack gives its users (tests, quickstart, benchmarks).
 export BC9_PG_SUPERUSER=postgres
@@ -29,6 +30,10 @@ export BC9_REGISTRY_URL="http://127.0.0.1:${BC9_REGISTRY_PORT}/apis/ccompat/v7"
 # with certificates signed by the stack's own CA.
 export BC9_TLS_CA="$BC9_STACK_DIR/tls/ca.pem"
 export BC9_KAFKA_SECURE_BOOTSTRAP="127.0.0.1:${BC9_KAFKA_SECURE_PORT}"
+# The SSL listener that requires a client certificate signed by the stack's CA (.stack/tls/client.*).
+export BC9_KAFKA_MTLS_BOOTSTRAP="127.0.0.1:${BC9_KAFKA_MTLS_PORT}"
+export BC9_TLS_CLIENT_CERT="$BC9_STACK_DIR/tls/client.crt"
+export BC9_TLS_CLIENT_KEY="$BC9_STACK_DIR/tls/client.key"
 export BC9_KAFKA_SASL_USER=bitclone9
 export BC9_KAFKA_SASL_PASSWORD="${BC9_KAFKA_SASL_PASSWORD:-bitclone9-kafka-secret}"
 export BC9_REGISTRY_SECURE_URL="https://localhost:${BC9_REGISTRY_SECURE_PORT}/apis/ccompat/v7"

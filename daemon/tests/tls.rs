@@ -119,3 +119,69 @@ if [ "$(id -u)" = 0 ]; then chown postgres server.key server.pem; fi"#,
     }
     cleanup(&db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_with_client_certificates_works_and_refuses_a_client_without_one() {
+    let (db, client) = db_with("tlsclient", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let spec = SourceSpec::new(&db);
+    let (cfg, _dir) = write_config(&spec, "");
+    let stack_dir = format!(
+        "{}/.stack/tls",
+        env!("CARGO_MANIFEST_DIR").trim_end_matches("/daemon")
+    );
+    let ca = env_or("BC9_TLS_CA", &format!("{stack_dir}/ca.pem"));
+    let cert = env_or("BC9_TLS_CLIENT_CERT", &format!("{stack_dir}/client.crt"));
+    let key = env_or("BC9_TLS_CLIENT_KEY", &format!("{stack_dir}/client.key"));
+    let mtls = env_or("BC9_KAFKA_MTLS_BOOTSTRAP", "127.0.0.1:9095");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace(
+            &format!("bootstrap_servers = \"{}\"", stack().bootstrap),
+            &format!("bootstrap_servers = \"{mtls}\""),
+        )
+        .replace(
+            "[sources.",
+            &format!(
+                "request_timeout = \"4s\"\n[kafka.tls]\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n[sources."
+            ),
+        );
+    std::fs::write(&cfg, &text).expect("write");
+    let (code, out) = cli(&cfg, &["check", "--connect"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("kafka {mtls}: ok")), "{out}");
+
+    // The source writes through the listener that requires a client certificate.
+    let mut daemon = Daemon::start_streaming(&cfg, "mtls").await;
+    client
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect("insert");
+    let records = consume(
+        &spec.topic("t"),
+        2,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    let ops: Vec<Option<String>> = records.iter().map(|r| r.op()).collect();
+    assert_eq!(ops, [Some("t".to_string()), Some("c".to_string())]);
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // Without the certificate the broker refuses the handshake, and the error says so.
+    let without = cfg.with_file_name("without-cert.toml");
+    std::fs::write(
+        &without,
+        text.replace(
+            &format!("cert_file = \"{cert}\"\nkey_file = \"{key}\"\n"),
+            "",
+        ),
+    )
+    .expect("write");
+    let (code, out) = cli(&without, &["check", "--connect"], &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("kafka {mtls}: FAILED")) && out.contains("the brokers said"),
+        "{out}"
+    );
+    cleanup(&db).await;
+}
