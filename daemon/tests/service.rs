@@ -647,7 +647,7 @@ async fn a_stuck_connector_stops_the_watchdog_pings() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Freeze the server process that streams this slot's WAL: the connector waits on it forever.
     let pid = walsender_pid(&format!("bitclone9_{db}")).await;
-    send_signal("-STOP", pid);
+    let frozen = Frozen::new(pid);
     let before = lines(&messages)
         .iter()
         .filter(|l| *l == "WATCHDOG=1")
@@ -658,7 +658,7 @@ async fn a_stuck_connector_stops_the_watchdog_pings() {
         .iter()
         .filter(|l| *l == "WATCHDOG=1")
         .count();
-    send_signal("-CONT", pid);
+    drop(frozen);
     assert!(
         frozen_log.contains("made no progress within the watchdog interval"),
         "{frozen_log}"
@@ -678,6 +678,12 @@ async fn a_second_signal_exits_at_once_and_loses_nothing() {
     let (db, client) = db_with("term", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let spec = SourceSpec::new(&db);
     let (cfg, _dir) = write_config(&spec, "");
+    // Positions reach the server rarely, so that what Kafka acknowledged is still unconfirmed
+    // when the server freezes: the clean stop then has a final position to wait for.
+    let text = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("status_interval = \"200ms\"", "status_interval = \"30s\"");
+    std::fs::write(&cfg, text).expect("write");
     let mut daemon = Daemon::start_streaming(&cfg, "daemon").await;
     client
         .batch_execute("INSERT INTO t SELECT generate_series(1, 50)")
@@ -698,13 +704,18 @@ async fn a_second_signal_exits_at_once_and_loses_nothing() {
         ids(&consume(&topic, 51, Duration::from_secs(2), Duration::from_secs(60)).await).len(),
         50
     );
-    // Freeze the walsender, so the clean stop cannot confirm its final position and waits.
+    // Once Kafka holds rows 51 to 100, freeze the walsender: the clean stop cannot confirm its
+    // final position and waits.
     let pid = walsender_pid(&format!("bitclone9_{db}")).await;
     client
         .batch_execute("INSERT INTO t SELECT generate_series(51, 100)")
         .await
         .expect("rows");
-    send_signal("-STOP", pid);
+    assert_eq!(
+        ids(&consume(&topic, 101, Duration::from_secs(2), Duration::from_secs(60)).await).len(),
+        100
+    );
+    let frozen = Frozen::new(pid);
     let daemon_pid = daemon.child.id();
     send_signal("-TERM", daemon_pid);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -722,7 +733,7 @@ async fn a_second_signal_exits_at_once_and_loses_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    send_signal("-CONT", pid);
+    drop(frozen);
     assert_eq!(
         code,
         Some(130),

@@ -963,7 +963,9 @@ impl PostgresSource {
                             out.push(SourceEvent::Change(prev));
                         }
                     }
-                    if !out.is_empty() {
+                    // PostgreSQL sends a COPY row per message: fill a whole batch rather than
+                    // hand over one row at a time (the per-batch work would dominate).
+                    if out.len() >= MAX_BATCH {
                         return Ok(());
                     }
                 }

@@ -728,6 +728,26 @@ pub async fn walsender_pid(slot: &str) -> i32 {
 }
 
 /// Sends `sig` (e.g. "-STOP") to `pid`; asserts it was delivered.
+/// A process stopped with SIGSTOP; it is continued when this is dropped, also when the test
+/// fails, so that a frozen server never holds up the tests after it.
+pub struct Frozen(i32);
+
+impl Frozen {
+    pub fn new(pid: i32) -> Self {
+        send_signal("-STOP", pid);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
 pub fn send_signal(sig: &str, pid: impl std::fmt::Display) {
     let ok = Command::new("kill")
         .arg(sig)
