@@ -1184,6 +1184,21 @@ database = "shop"
             .expect("valid")
             .credentials_in_clear()
             .is_empty());
+        // Loading a file carries them as warnings (printed at start and by `check`).
+        let dir = std::env::temp_dir().join(format!("bc9-clear-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, text.replace("${PGPASS}", "${HOME}")).expect("write");
+        let loaded = Config::load(&file).expect("load");
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .any(|w| w.contains("PLAIN without [kafka.tls]")),
+            "{:?}",
+            loaded.warnings
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -835,32 +835,27 @@ async fn resync_a_table_repairs_the_target_while_changes_keep_flowing() {
     let resync_t = format!("/connectors/{db}/tables/public.t/resync");
     let (code, _) = http_request(&addr, "POST", &resync_t, None).await;
     assert_eq!(code, 401, "resync needs the token");
-    let (code, body) = http_request(
-        &addr,
-        "POST",
-        &format!("/connectors/{}/tables/public.t/resync", cl.sink()),
-        token,
-    )
-    .await;
-    assert_eq!(code, 400, "{body}");
-    assert!(body.contains("is a sink"), "{body}");
-    let (code, body) = http_request(
-        &addr,
-        "POST",
-        &format!("/connectors/{db}/tables/public.nope/resync"),
-        token,
-    )
-    .await;
-    assert_eq!(code, 404, "{body}");
-    assert!(body.contains("public.nope is not captured"), "{body}");
-    let (code, body) = http_request(
-        &addr,
-        "POST",
-        &format!("/connectors/{db}/tables/.t/resync"),
-        token,
-    )
-    .await;
-    assert_eq!(code, 400, "{body}");
+    for (path, want, says) in [
+        (
+            format!("/connectors/{}/tables/public.t/resync", cl.sink()),
+            400,
+            "is a sink",
+        ),
+        (
+            format!("/connectors/{db}/tables/public.nope/resync"),
+            404,
+            "public.nope is not captured",
+        ),
+        (
+            format!("/connectors/{db}/tables/.t/resync"),
+            400,
+            "not a table name",
+        ),
+    ] {
+        let (code, body) = http_request(&addr, "POST", &path, token).await;
+        assert_eq!(code, want, "{path}: {body}");
+        assert!(body.contains(says), "{path}: {body}");
+    }
 
     // Changes keep coming while the table is read again: each must land in order with it.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -21,6 +21,28 @@ fn sh(dir: &std::path::Path, script: &str) {
     );
 }
 
+/// Inserts a row into `t` of a freshly started source; its topic must then hold the snapshot's
+/// opening truncate and that insert, in that order.
+async fn insert_one_and_expect_it(client: &tokio_postgres::Client, spec: &SourceSpec) {
+    client
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect("insert");
+    let records = consume(
+        &spec.topic("t"),
+        2,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    let ops: Vec<Option<String>> = records.iter().map(|r| r.op()).collect();
+    assert_eq!(
+        ops,
+        [Some("t".to_string()), Some("c".to_string())],
+        "the snapshot's opening truncate, then the streamed insert"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_tls_verify_full_works_and_a_wrong_ca_is_refused() {
     let dir = std::env::temp_dir().join(unique("bc9tls"));
@@ -78,23 +100,7 @@ if [ "$(id -u)" = 0 ]; then chown postgres server.key server.pem; fi"#,
         encrypted >= 2,
         "catalog and replication connections both use TLS ({encrypted})"
     );
-    client
-        .batch_execute("INSERT INTO t VALUES (1)")
-        .await
-        .expect("insert");
-    let records = consume(
-        &spec.topic("t"),
-        2,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    )
-    .await;
-    let ops: Vec<Option<String>> = records.iter().map(|r| r.op()).collect();
-    assert_eq!(
-        ops,
-        [Some("t".to_string()), Some("c".to_string())],
-        "the snapshot's opening truncate, then a change streamed over TLS"
-    );
+    insert_one_and_expect_it(&client, &spec).await;
     assert_eq!(daemon.terminate(), Some(0));
 
     // The same server checked against another CA: refused, saying what to look at.
@@ -152,19 +158,7 @@ async fn kafka_with_client_certificates_works_and_refuses_a_client_without_one()
 
     // The source writes through the listener that requires a client certificate.
     let mut daemon = Daemon::start_streaming(&cfg, "mtls").await;
-    client
-        .batch_execute("INSERT INTO t VALUES (1)")
-        .await
-        .expect("insert");
-    let records = consume(
-        &spec.topic("t"),
-        2,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    )
-    .await;
-    let ops: Vec<Option<String>> = records.iter().map(|r| r.op()).collect();
-    assert_eq!(ops, [Some("t".to_string()), Some("c".to_string())]);
+    insert_one_and_expect_it(&client, &spec).await;
     assert_eq!(daemon.terminate(), Some(0));
 
     // Without the certificate the broker refuses the handshake, and the error says so.
