@@ -646,28 +646,9 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// GETs `path` from the admin endpoint; `None` when nothing answers there.
 async fn admin_get(cfg: &Config, path: &str) -> Option<(u16, String)> {
-    admin_request(cfg, "GET", path, std::time::Duration::from_secs(10))
-        .await
-        .ok()
-        .flatten()
-}
-
-/// Sends a request without a body to the admin endpoint: `Ok(None)` when nothing listens
-/// there, `Err` when the daemon took the request but gave no answer within `wait`.
-async fn admin_request(
-    cfg: &Config,
-    method: &str,
-    path: &str,
-    wait: std::time::Duration,
-) -> Result<Option<(u16, String)>, String> {
-    match admin_call(cfg, method, path, wait).await {
-        Exchange::Refused => Ok(None),
-        Exchange::NoAnswer => Err(format!(
-            "the daemon at {} took the request but did not answer within {}s",
-            cfg.admin.listen,
-            wait.as_secs()
-        )),
-        Exchange::Answer(code, body) => Ok(Some((code, body))),
+    match admin_call(cfg, "GET", path, std::time::Duration::from_secs(10)).await {
+        Exchange::Answer(code, body) => Some((code, body)),
+        Exchange::Refused | Exchange::NoAnswer => None,
     }
 }
 
@@ -752,9 +733,16 @@ async fn resync_command(cfg: Config, source: String, table: String) -> anyhow::R
         segment(&id.to_string())
     );
     // The daemon stops the source cleanly before answering: give it time.
-    let answer = admin_request(&cfg, "POST", &path, std::time::Duration::from_secs(120))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}; see `bitclone9 status` for the resync's progress"))?;
+    let wait = std::time::Duration::from_secs(120);
+    let answer = match admin_call(&cfg, "POST", &path, wait).await {
+        Exchange::Answer(code, body) => Some((code, body)),
+        Exchange::Refused => None,
+        Exchange::NoAnswer => anyhow::bail!(
+            "the daemon at {} took the request but did not answer within {}s; see `bitclone9 status` for the resync's progress",
+            cfg.admin.listen,
+            wait.as_secs()
+        ),
+    };
     if let Some((code, body)) = answer {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         return Ok(match (code, v["result"].as_str(), v["error"].as_str()) {
