@@ -32,6 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+mod barrier;
+use barrier::TruncateBarrier;
+
 /// Why a sink run ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkPipelineError {
@@ -168,6 +171,16 @@ impl Assigner {
             && !topic.starts_with("__")
             && (self.names.iter().any(|n| n == topic)
                 || self.patterns.iter().any(|p| p.is_match(topic)))
+    }
+
+    /// Makes the next [`scan`](Self::scan) list the topics again without waiting.
+    fn rescan_soon(&mut self) {
+        if self
+            .last_scan
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(500))
+        {
+            self.last_scan = None;
+        }
     }
 
     /// Assigns partitions not assigned yet (at most every 5 s).
@@ -396,7 +409,15 @@ async fn run_once(
             };
             items.push(Item { msg, decoded });
         }
-        let items = barrier.route(items, &applied, &consumer, &assigner.assigned);
+        let routed = barrier.route(items, &applied, &assigner.assigned);
+        pause_resume(&consumer, &routed.pause, &routed.resume);
+        if routed.pause.iter().any(|p| !assigner.assigned.contains(p))
+            || barrier.held().next().is_some()
+        {
+            // A truncate names partitions this sink has not assigned yet: look for them now.
+            assigner.rescan_soon();
+        }
+        let items = routed.ready;
         if items.is_empty() {
             continue;
         }
@@ -498,108 +519,24 @@ impl Progress {
     }
 }
 
-/// Holds each partition at a truncate until every partition of the topic has reached the same
-/// truncate, so rows of one partition applied after the truncate are never removed by the
-/// truncate of another. The held partitions are paused, which bounds what is held in memory.
-#[derive(Default)]
-struct TruncateBarrier {
-    /// Partitions stopped at a truncate (the first item), with what arrived after it.
-    held: BTreeMap<(String, i32), std::collections::VecDeque<Item>>,
-}
-
-impl TruncateBarrier {
-    /// Returns the items that may be applied now, in order; holds the rest.
-    /// `assigned` holds every partition the sink reads: all partitions of its topics.
-    fn route<C: ConsumerContext>(
-        &mut self,
-        items: Vec<Item>,
-        applied: &HashMap<(String, i32), Applied>,
-        consumer: &StreamConsumer<C>,
-        assigned: &std::collections::HashSet<(String, i32)>,
-    ) -> Vec<Item> {
-        let partitions = |topic: &str| assigned.iter().filter(|(t, _)| t == topic).count();
-        let mut ready = Vec::with_capacity(items.len());
-        for item in items {
-            let truncate = item
-                .change()
-                .filter(|c| c.op == Op::Truncate)
-                .map(Watermark::of);
-            if truncate.is_none() && self.held.is_empty() {
-                // The common case: nothing is held, and this is no truncate.
-                ready.push(item);
-                continue;
-            }
-            let key = (item.msg.topic().to_string(), item.msg.partition());
-            if let Some(q) = self.held.get_mut(&key) {
-                q.push_back(item);
-                continue;
-            }
-            let done = applied.get(&key).copied();
-            let covered = |w: Watermark| {
-                done.is_some_and(|a| item.msg.offset() <= a.offset || w <= a.watermark)
-            };
-            match truncate {
-                Some(w) if !covered(w) && partitions(&key.0) > 1 => {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(&key.0, key.1);
-                    let _ = consumer.pause(&tpl);
-                    self.held
-                        .insert(key, std::collections::VecDeque::from([item]));
-                }
-                _ => ready.push(item),
-            }
+/// Stops fetching partitions held at a truncate, and fetches released ones again.
+fn pause_resume<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    pause: &[(String, i32)],
+    resume: &[(String, i32)],
+) {
+    let list = |parts: &[(String, i32)]| {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in parts {
+            tpl.add_partition(t, *p);
         }
-        // Release every topic whose partitions all stand at the same truncate (or are past it).
-        let topics: Vec<String> = self.held.keys().map(|(t, _)| t.clone()).collect();
-        for topic in topics {
-            let n = partitions(&topic);
-            let fronts: Vec<(i32, Watermark)> = self
-                .held
-                .iter()
-                .filter(|((t, _), _)| *t == topic)
-                .filter_map(|((_, p), q)| {
-                    q.front()
-                        .and_then(Item::change)
-                        .map(|c| (*p, Watermark::of(c)))
-                })
-                .collect();
-            let Some(w) = fronts.iter().map(|(_, w)| *w).min() else {
-                continue;
-            };
-            // A partition held at a later truncate is past this one (it never got it: e.g. a
-            // snapshot cut short before its truncate reached every partition).
-            let complete = (0..n as i32).all(|p| {
-                let at_or_later = fronts.iter().any(|(q, fw)| *q == p && *fw >= w);
-                let past = applied
-                    .get(&(topic.clone(), p))
-                    .is_some_and(|a| a.watermark >= w);
-                at_or_later || past
-            });
-            if !complete {
-                continue;
-            }
-            let mut released: Vec<Item> = Vec::new();
-            let mut rest: Vec<Item> = Vec::new();
-            let mut tpl = TopicPartitionList::new();
-            for (p, fw) in fronts {
-                if fw != w {
-                    continue;
-                }
-                if let Some(mut q) = self.held.remove(&(topic.clone(), p)) {
-                    if let Some(t) = q.pop_front() {
-                        released.push(t);
-                    }
-                    rest.extend(q);
-                    tpl.add_partition(&topic, p);
-                }
-            }
-            let _ = consumer.resume(&tpl);
-            tracing::debug!(topic = %topic, partitions = released.len(), "every partition reached the truncate: applying it");
-            ready.extend(released);
-            // What followed may hold another truncate: route it again.
-            ready.extend(self.route(rest, applied, consumer, assigned));
-        }
-        ready
+        tpl
+    };
+    if !pause.is_empty() {
+        let _ = consumer.pause(&list(pause));
+    }
+    if !resume.is_empty() {
+        let _ = consumer.resume(&list(resume));
     }
 }
 

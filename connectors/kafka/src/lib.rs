@@ -526,9 +526,11 @@ impl EventWriter {
                     topic: topic.to_string(),
                     detail: e.to_string(),
                 })?;
+        let mut created = false;
         for r in results {
             match r {
                 Ok(_) => {
+                    created = true;
                     tracing::info!(topic, partitions = self.topics.partitions, "created topic")
                 }
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -540,27 +542,64 @@ impl EventWriter {
                 }
             }
         }
-        let p = self.producer.clone();
-        let t = topic.to_string();
-        let timeout = self.timeout;
-        let count = tokio::task::spawn_blocking(move || {
-            p.client().fetch_metadata(Some(&t), timeout).map(|m| {
-                m.topics()
-                    .first()
-                    .map(|t| t.partitions().len())
-                    .unwrap_or(0)
+        // A truncate goes to every partition and rows are spread over them by key, so the
+        // count must be the topic's whole count. Right after a topic is created (on a broker
+        // still loading, notably) metadata may not show it yet, or show it without leaders:
+        // ask again until every partition is there, rather than taking a short count.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let p = self.producer.clone();
+            let t = topic.to_string();
+            let timeout = self.timeout;
+            let seen = tokio::task::spawn_blocking(move || {
+                p.client().fetch_metadata(Some(&t), timeout).map(|m| {
+                    m.topics().first().map(|t| TopicView {
+                        error: t.error().map(|e| RDKafkaErrorCode::from(e).to_string()),
+                        leaders: t
+                            .partitions()
+                            .iter()
+                            .map(|p| (p.id(), p.leader()))
+                            .collect(),
+                    })
+                })
             })
-        })
-        .await
-        .map_err(|e| SinkError::Topic {
-            topic: topic.to_string(),
-            detail: e.to_string(),
-        })?
-        .map_err(|e| SinkError::KafkaUnreachable {
-            bootstrap: self.bootstrap.clone(),
-            detail: e.to_string(),
-        })?;
-        Ok(i32::try_from(count).unwrap_or(1).max(1))
+            .await
+            .map_err(|e| SinkError::Topic {
+                topic: topic.to_string(),
+                detail: e.to_string(),
+            })?
+            .map_err(|e| SinkError::KafkaUnreachable {
+                bootstrap: self.bootstrap.clone(),
+                detail: e.to_string(),
+            })?;
+            let view = seen.unwrap_or_default();
+            let count = view.complete_count().and_then(|n| {
+                if created && n < self.topics.partitions {
+                    Err(format!(
+                        "{n} of the {} partitions created are listed",
+                        self.topics.partitions
+                    ))
+                } else {
+                    Ok(n)
+                }
+            });
+            match count {
+                Ok(n) => return Ok(n),
+                Err(why) if tokio::time::Instant::now() >= deadline => {
+                    return Err(SinkError::Topic {
+                        topic: topic.to_string(),
+                        detail: format!(
+                            "its partitions are not all known to the brokers after {:?}: {why}",
+                            self.timeout
+                        ),
+                    })
+                }
+                Err(why) => {
+                    tracing::debug!(topic, %why, "waiting for the topic's metadata");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
     }
 
     /// Encodes `change` and enqueues its records (a delete adds a tombstone; a truncate goes to
@@ -608,6 +647,13 @@ impl EventWriter {
                 metrics::counter!("bitclone9_kafka_truncates_not_written_total", "topic" => topic.to_string()).increment(1);
                 return Ok(());
             }
+            // Sinks hold each partition at the truncate until all of them reached it: the
+            // count it went to travels with it, so they never count on their own discovery.
+            let fanout = target.partitions.to_string();
+            let headers = headers.insert(Header {
+                key: TRUNCATE_FANOUT_HEADER,
+                value: Some(&fanout),
+            });
             for partition in 0..target.partitions {
                 let rec = FutureRecord::<[u8], [u8]>::to(&topic)
                     .payload(&self.value_buf)
@@ -671,6 +717,40 @@ impl EventWriter {
     }
 }
 
+/// A topic as one metadata answer shows it: its error, and each partition's id and leader.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TopicView {
+    pub error: Option<String>,
+    pub leaders: Vec<(i32, i32)>,
+}
+
+impl TopicView {
+    /// The partition count, once the answer shows the whole topic: no error, and partitions
+    /// 0..n each with a leader. Otherwise what is missing, to ask again.
+    pub fn complete_count(&self) -> Result<i32, String> {
+        if let Some(e) = &self.error {
+            return Err(format!("the brokers answer {e}"));
+        }
+        if self.leaders.is_empty() {
+            return Err("no partitions are listed yet".into());
+        }
+        let n = i32::try_from(self.leaders.len()).map_err(|e| e.to_string())?;
+        let mut ids: Vec<i32> = self.leaders.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        if ids != (0..n).collect::<Vec<_>>() {
+            return Err(format!("partitions listed are {ids:?}, not 0..{n}"));
+        }
+        if let Some((id, _)) = self.leaders.iter().find(|(_, leader)| *leader < 0) {
+            return Err(format!("partition {id} has no leader yet"));
+        }
+        Ok(n)
+    }
+}
+
+/// The header of a truncate record: how many partitions of its topic it was written to (one
+/// record each).
+pub const TRUNCATE_FANOUT_HEADER: &str = "bitclone9.partitions";
+
 /// Headers naming the source transaction, so consumers' logs and dead letters can be traced back
 /// to it without decoding the value: `bitclone9.lsn` (commit LSN, `X/Y`), `bitclone9.txid`
 /// (absent for snapshot rows) and `bitclone9.seq`.
@@ -715,5 +795,41 @@ async fn enqueue(
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod topic_view_tests {
+    use super::TopicView;
+
+    fn view(error: Option<&str>, leaders: &[(i32, i32)]) -> TopicView {
+        TopicView {
+            error: error.map(str::to_string),
+            leaders: leaders.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_topic_counts_only_once_every_partition_has_a_leader() {
+        // What a broker still loading answers right after the topic was created: never a
+        // count of 1 for a topic of 3.
+        assert!(view(Some("Broker: Unknown topic or partition"), &[])
+            .complete_count()
+            .is_err());
+        assert!(view(None, &[]).complete_count().is_err());
+        assert!(view(
+            Some("Broker: Leader not available"),
+            &[(0, 1), (1, 1), (2, 1)]
+        )
+        .complete_count()
+        .is_err());
+        assert!(view(None, &[(0, 1), (1, -1), (2, 1)])
+            .complete_count()
+            .is_err());
+        assert!(view(None, &[(0, 1), (2, 1)]).complete_count().is_err());
+        assert_eq!(
+            view(None, &[(2, 1), (0, 1), (1, 1)]).complete_count(),
+            Ok(3)
+        );
     }
 }
