@@ -225,7 +225,9 @@ async fn verify_table(
         row_hash: row_hash.clone(),
     };
     let (src_sql, dst_sql) = (sql_for(s), sql_for(t));
-    // Range starts: every chunk_rows-th key of the source, in key order.
+    // Range starts: every chunk_rows-th key of the source, in key order. The outer query
+    // orders by the row number: its output columns are the keys' text forms, which an ORDER BY
+    // of the key names would sort as text (999 after 1000).
     let key_text = key
         .iter()
         .map(|c| format!("{}::text", ident(&c.0)))
@@ -240,7 +242,7 @@ async fn verify_table(
         .query(
             &format!(
                 "SELECT {key_text} FROM (SELECT {order}, row_number() OVER (ORDER BY {order}) AS bitclone9_rn FROM {}) s
-                  WHERE (bitclone9_rn - 1) % $1 = 0 AND bitclone9_rn > 1 ORDER BY {order}",
+                  WHERE (bitclone9_rn - 1) % $1 = 0 AND bitclone9_rn > 1 ORDER BY bitclone9_rn",
                 src_sql.name
             ),
             &[&opts.chunk_rows],

@@ -593,6 +593,38 @@ async fn verify_names_the_key_range_of_a_row_changed_behind_the_sinks_back() {
         &[],
     );
     assert_eq!(code, Some(0), "{out}");
+    // Range starts cross a digit count (991 → 1036 would sort before 136 as text): the ranges
+    // are cut in key order, ceil(1000 / 45) of them, and the rows are counted once.
+    let (code, out) = cli(
+        &cl.config,
+        &["verify", "--chunk-rows", "45", "--rounds", "1"],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("equal (1000 rows in 23 key range(s))"),
+        "{out}"
+    );
+
+    cl.dst
+        .batch_execute("UPDATE t SET v = 'tampered' WHERE id = 868")
+        .await
+        .expect("tamper");
+    let (code, out) = cli(
+        &cl.config,
+        &["verify", "--chunk-rows", "45", "--rounds", "1"],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("public.t → public.t: DIFFERENT in 1 of 23 key range(s)"),
+        "{out}"
+    );
+    assert!(out.contains("(id) >= (856) AND (id) < (901): source 45 rows, target 45 rows (same count, different content)"), "{out}");
+    cl.dst
+        .batch_execute("UPDATE t SET v = 'v868' WHERE id = 868")
+        .await
+        .expect("untamper");
 
     cl.dst
         .batch_execute("UPDATE t SET v = 'tampered' WHERE id = 555")
