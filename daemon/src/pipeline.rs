@@ -121,10 +121,65 @@ impl RunFailure for PipelineError {
     }
 }
 
-/// Runs a connector (`kind` "source" or "sink") until `shutdown` turns true, restarting it with exponential backoff (1 s
-/// doubling to 60 s, back to 1 s after a run of two minutes) after failures. Never returns an
-/// error: failures are logged, counted and shown in the status.
+/// How long to wait before the next attempt, kept per component at fault: it doubles from 1 s
+/// to 60 s while one component keeps failing before the connector comes up, and starts again
+/// at 1 s for every component once a run came up (connected to everything). So a long outage
+/// of one service is probed ever less often, while a service back after a short blip, or a
+/// different one failing later, is retried at once.
+#[derive(Debug)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: std::collections::HashMap<&'static str, Duration>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            first,
+            max,
+            next: Default::default(),
+        }
+    }
+
+    /// The wait after a run that failed at `component`; `came_up`: whether that run had come
+    /// up before it failed.
+    pub fn after_failure(&mut self, component: &'static str, came_up: bool) -> Duration {
+        if came_up {
+            self.next.clear();
+        }
+        let next = self.next.entry(component).or_insert(self.first);
+        let wait = *next;
+        *next = (wait * 2).min(self.max);
+        wait
+    }
+}
+
+/// Runs a connector (`kind` "source" or "sink") until `shutdown` turns true, restarting it
+/// after failures with a [`Backoff`] per component. Never returns an error: failures are
+/// logged, counted and shown in the status.
 pub async fn restart_on_failure<F, Fut, E>(
+    kind: &'static str,
+    name: &str,
+    status: &Status,
+    shutdown: watch::Receiver<bool>,
+    run: F,
+) where
+    F: FnMut(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: RunFailure,
+{
+    supervise_with(Backoff::default(), kind, name, status, shutdown, run).await
+}
+
+async fn supervise_with<F, Fut, E>(
+    mut backoff: Backoff,
     kind: &'static str,
     name: &str,
     status: &Status,
@@ -135,9 +190,8 @@ pub async fn restart_on_failure<F, Fut, E>(
     Fut: std::future::Future<Output = Result<(), E>>,
     E: RunFailure,
 {
-    let mut backoff = Duration::from_secs(1);
     loop {
-        let started = Instant::now();
+        let ups = status.ups(name);
         status.set_state(name, ConnectorState::Starting);
         // The run's span names the connector on every log line; it lives as long as the run,
         // so it is not exported (see telemetry.rs): each batch is a trace of its own.
@@ -160,16 +214,13 @@ pub async fn restart_on_failure<F, Fut, E>(
             Err(e) => e,
         };
         metrics::counter!("bitclone9_pipeline_restarts_total", "connector" => name.to_string(), "component" => e.component()).increment(1);
-        if started.elapsed() > Duration::from_secs(120) {
-            backoff = Duration::from_secs(1);
-        }
-        tracing::error!(connector = %name, component = e.component(), transient = e.transient(), retry_in = ?backoff, "{kind} stopped: {e}");
-        status.failed(name, format!("{}: {e}", e.component()));
+        let wait = backoff.after_failure(e.component(), status.ups(name) > ups);
+        tracing::error!(connector = %name, component = e.component(), transient = e.transient(), retry_in = ?wait, "{kind} stopped: {e}");
+        status.failed(name, format!("{}: {e}", e.component()), wait);
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }
 
@@ -490,4 +541,93 @@ async fn acker(
         flush(lsn)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_per_component_and_resets_once_a_run_came_up() {
+        let mut b = Backoff::default();
+        let s = Duration::from_secs;
+        let waits: Vec<Duration> = (0..7)
+            .map(|_| b.after_failure("schema_registry", false))
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60].map(s));
+        // Another part failing meanwhile is not punished for the registry's outage.
+        assert_eq!(b.after_failure("postgres", false), s(1));
+        assert_eq!(b.after_failure("schema_registry", false), s(60));
+        // The registry came back and the run came up; then PostgreSQL restarts.
+        assert_eq!(b.after_failure("postgres", true), s(1));
+        assert_eq!(b.after_failure("postgres", false), s(2));
+        assert_eq!(b.after_failure("schema_registry", false), s(1));
+    }
+
+    struct Failure(&'static str);
+    impl std::fmt::Display for Failure {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{} is down", self.0)
+        }
+    }
+    impl RunFailure for Failure {
+        fn component(&self) -> &'static str {
+            self.0
+        }
+    }
+
+    #[tokio::test]
+    async fn the_supervisor_resets_the_wait_after_a_run_that_came_up() {
+        // Each run: (came up first?, the part it then fails at). What each next run saw as
+        // the wait before it is read from the status.
+        let script = [
+            (false, "schema_registry"),
+            (false, "schema_registry"),
+            (false, "schema_registry"),
+            (true, "postgres"),
+            (false, "postgres"),
+            (false, "kafka"),
+        ];
+        let status = Arc::new(Status::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ms = Duration::from_millis;
+        let (st, sn, cl) = (status.clone(), seen.clone(), calls.clone());
+        supervise_with(
+            Backoff::new(ms(5), ms(1000)),
+            "source",
+            "src",
+            &status,
+            stop_rx,
+            move |_| {
+                let (st, sn, cl) = (st.clone(), sn.clone(), cl.clone());
+                let stop_tx = stop_tx.clone();
+                async move {
+                    let i = cl.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i > 0 {
+                        let c = st.snapshot();
+                        let wait = c.get("src").and_then(|c| c.retry_wait_s);
+                        sn.lock().unwrap_or_else(|p| p.into_inner()).push(wait);
+                    }
+                    let Some((up, part)) = script.get(i) else {
+                        let _ = stop_tx.send(true);
+                        return Ok(());
+                    };
+                    if *up {
+                        st.set_state("src", ConnectorState::Streaming);
+                    }
+                    Err(Failure(part))
+                }
+            },
+        )
+        .await;
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let secs = |v: &[u64]| {
+            v.iter()
+                .map(|m| Some(*m as f64 / 1000.0))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seen, secs(&[5, 10, 20, 5, 10, 5]));
+    }
 }

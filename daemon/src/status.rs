@@ -27,6 +27,10 @@ pub struct ConnectorStatus {
     pub confirmed_lsn: Option<String>,
     pub restarts: u64,
     pub last_error: Option<String>,
+    /// After a failure: the seconds the supervisor waits (or waited) before the next attempt;
+    /// cleared once the connector is up again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_wait_s: Option<f64>,
     /// What the current state is working on, e.g. the table being snapshotted.
     pub detail: Option<String>,
     /// Seconds since the pipeline last made a step (read a batch, or waited out a backoff).
@@ -36,6 +40,10 @@ pub struct ConnectorStatus {
     pub sink: Option<SinkProgress>,
     #[serde(skip)]
     alive_at: Instant,
+    /// Times the connector came up (reached snapshotting or streaming): its supervisor tells by
+    /// it whether a failed run had connected to everything first.
+    #[serde(skip)]
+    ups: u64,
 }
 
 /// Where a sink stands in its topics.
@@ -78,10 +86,12 @@ impl Status {
                 confirmed_lsn: None,
                 restarts: 0,
                 last_error: None,
+                retry_wait_s: None,
                 detail: None,
                 idle_s: 0.0,
                 sink: None,
                 alive_at: Instant::now(),
+                ups: 0,
             });
         c.alive_at = Instant::now();
         f(c);
@@ -115,13 +125,25 @@ impl Status {
             if state == ConnectorState::Streaming {
                 c.last_error = None;
             }
+            let up = |s| matches!(s, ConnectorState::Snapshotting | ConnectorState::Streaming);
+            if up(state) && !up(c.state) {
+                c.ups += 1;
+                c.retry_wait_s = None;
+            }
             c.state = state;
         });
     }
 
-    pub fn failed(&self, name: &str, error: String) {
+    /// How many times the connector has come up so far.
+    pub fn ups(&self, name: &str) -> u64 {
+        let map = self.connectors.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(name).map_or(0, |c| c.ups)
+    }
+
+    pub fn failed(&self, name: &str, error: String, retry_in: Duration) {
         self.update(name, |c| {
             c.state = ConnectorState::Retrying;
+            c.retry_wait_s = Some(retry_in.as_secs_f64());
             c.restarts += 1;
             c.last_error = Some(error);
         });
@@ -224,7 +246,7 @@ mod tests {
         assert!(s.ready());
         s.set_state("b", ConnectorState::Streaming);
         assert!(s.ready());
-        s.failed("b", "kafka down".into());
+        s.failed("b", "kafka down".into(), Duration::from_secs(1));
         assert!(!s.ready());
         assert!(s.summary().contains("b: retrying after: kafka down"));
         assert!(s.stuck(Duration::from_secs(60)).is_empty());
