@@ -499,7 +499,7 @@ impl Config {
             serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Invalid {
                 file: file.to_path_buf(),
                 path: e.path().to_string(),
-                message: e.inner().to_string(),
+                message: with_example(&e.inner().to_string()),
             })?;
         config
             .check()
@@ -767,6 +767,23 @@ impl Config {
             return vec![p.clone()];
         }
         k.topics.clone()
+    }
+}
+
+/// Serde's message (without the line break toml ends it with), with an example of the expected
+/// form where it gives none: durations and the admin address (an IP address, not a host name).
+fn with_example(message: &str) -> String {
+    let message = message.trim_end();
+    if message.contains("expected a duration") && !message.contains("such as") {
+        message.replacen(
+            "expected a duration",
+            "expected a duration such as \"10s\" or \"500ms\"",
+            1,
+        )
+    } else if message.contains("socket address") {
+        format!("{message}: write IP:port, such as \"127.0.0.1:9187\" (not a host name)")
+    } else {
+        message.to_string()
     }
 }
 
@@ -1245,6 +1262,20 @@ database = "shop"
         assert_eq!(path, "sources.demo.heartbeat_interval");
 
         assert!(matches!(parse("[kafka\n"), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
+    fn duration_and_address_errors_show_the_expected_form() {
+        let (path, msg) = invalid(&format!("{GOOD}connect_timeout = \"5 parsecs\"\n"));
+        assert_eq!(path, "sources.demo.connect_timeout");
+        assert!(msg.contains("expected a duration such as \"10s\""), "{msg}");
+        let (path, msg) = invalid(&format!("{GOOD}heartbeat_interval = true\n"));
+        assert_eq!(path, "sources.demo.heartbeat_interval");
+        assert!(msg.contains("\"500ms\""), "{msg}");
+        let (path, msg) =
+            invalid(&GOOD.replace("[kafka]", "[admin]\nlisten = \"localhost:9187\"\n[kafka]"));
+        assert_eq!(path, "admin.listen");
+        assert!(msg.contains("\"127.0.0.1:9187\""), "{msg}");
     }
 
     #[test]

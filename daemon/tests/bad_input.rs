@@ -376,3 +376,77 @@ async fn secrets_never_appear_in_logs_or_output_and_clear_ones_are_flagged() {
         .contains("readable by every user"));
     cleanup(&db).await;
 }
+
+/// Every file of tests/broken_configs is refused by `check` (without `--connect`) with exit
+/// code 2 and a message naming the file and containing each of its `# expect:` lines. Its
+/// `# why:` line says what is broken. All problems are collected and reported together.
+#[test]
+fn every_broken_config_in_the_corpus_exits_2_naming_file_key_and_fix() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/broken_configs");
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&corpus)
+        .expect("tests/broken_configs exists")
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 30,
+        "{} holds {} broken configs, expected at least 30",
+        corpus.display(),
+        files.len()
+    );
+    // Copies in a fresh directory: the message then names a path of a known form.
+    let dir = std::env::temp_dir().join(unique("bc9broken"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut failures = Vec::new();
+    for file in &files {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("UTF-8 file name")
+            .to_string();
+        let text = std::fs::read_to_string(file).expect("read broken config");
+        let needles: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect:"))
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        let mut problems = Vec::new();
+        if needles.is_empty() {
+            problems.push("has no `# expect:` line".to_string());
+        }
+        if !text.lines().any(|l| l.starts_with("# why:")) {
+            problems.push("has no `# why:` line".to_string());
+        }
+        let copy = dir.join(&name);
+        std::fs::write(&copy, &text).expect("copy broken config");
+        let (code, out) = cli(&copy, &["check"], &[]);
+        if code != Some(2) {
+            problems.push(format!("exit code {code:?}, expected 2"));
+        }
+        if !out.contains(&name) {
+            problems.push("the output does not name the file".to_string());
+        }
+        for n in needles {
+            if !out.contains(n) {
+                problems.push(format!("the output lacks {n:?}"));
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{name}: {}\n    output: {}",
+                problems.join("; "),
+                out.trim_end().replace('\n', "\n            ")
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        failures.is_empty(),
+        "{} of {} broken configs were not refused as expected:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
+}
