@@ -1016,6 +1016,9 @@ max_batch_wait = "10ms"
                 faults.push(second);
             }
         }
+        // The daemon is stopped first, while every service still answers: a SIGTERM must then
+        // end in a clean exit.
+        faults.sort();
         for f in &faults {
             *count.entry(*f).or_default() += 1;
         }
