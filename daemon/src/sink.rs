@@ -114,7 +114,11 @@ pub fn consumer_config(cfg: &SinkPipelineConfig) -> ClientConfig {
     let mut c = cfg.kafka.client_config();
     c.set("auto.offset.reset", "earliest")
         .set("topic.metadata.refresh.interval.ms", "5000")
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // Records fetched ahead of the target are bounded (16 MB in all, not 64 MB and
+        // 100,000 records per partition), so catching up after an outage keeps memory flat.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("queued.min.messages", "20000");
     for (k, v) in &cfg.consumer {
         c.set(k, v);
     }

@@ -1116,7 +1116,10 @@ max_batch_wait = "10ms"
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let took = healed.elapsed().as_secs_f64();
-        println!("chaos: cycle {cycle} recovered in {took:.1} s");
+        println!(
+            "chaos: cycle {cycle} recovered in {took:.1} s (peak RSS so far {:.0} MB)",
+            daemon.peak_rss_mb
+        );
         recoveries.push((cycle, faults, took));
     }
 

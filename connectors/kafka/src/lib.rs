@@ -349,8 +349,10 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     cfg.set("linger.ms", "5")
         .set("batch.size", "1000000")
         .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "200000")
-        .set("queue.buffering.max.kbytes", "262144")
+        // What waits for Kafka is bounded: while the brokers do not answer, reading WAL stops
+        // once this much is queued (100,000 records or 64 MB) instead of growing memory.
+        .set("queue.buffering.max.messages", "100000")
+        .set("queue.buffering.max.kbytes", "65536")
         .set("message.timeout.ms", "120000");
     for (k, v) in &settings.producer {
         cfg.set(k, v);
