@@ -1019,6 +1019,10 @@ max_batch_wait = "10ms"
         // The daemon is stopped first, while every service still answers: a SIGTERM must then
         // end in a clean exit.
         faults.sort();
+        // One way of stopping the daemon per cycle.
+        if faults.contains(&Nemesis::DaemonKill) {
+            faults.retain(|f| *f != Nemesis::DaemonTerm);
+        }
         for f in &faults {
             *count.entry(*f).or_default() += 1;
         }
