@@ -774,25 +774,13 @@ fn check_observed(h: &History, o: &Observed, f: &mut Findings) {
     }
 }
 
-async fn dump_rows(c: &Client, table: &str, order: &str) -> Vec<String> {
-    c.query(
-        &format!("SELECT r::text FROM {table} r ORDER BY {order}"),
-        &[],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("dump {table}: {e}"))
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
 /// Check (5): row for row, and the number of rows that differ.
 async fn divergent_rows(src: &Client, dst: &Client) -> (usize, Vec<String>) {
     let mut n = 0;
     let mut notes = Vec::new();
     for (t, order) in TABLES {
-        let a: HashSet<String> = dump_rows(src, t, order).await.into_iter().collect();
-        let b: HashSet<String> = dump_rows(dst, t, order).await.into_iter().collect();
+        let a: HashSet<String> = dump(src, t, order).await.into_iter().collect();
+        let b: HashSet<String> = dump(dst, t, order).await.into_iter().collect();
         let d = a.symmetric_difference(&b).count();
         if d > 0 {
             notes.push(format!(

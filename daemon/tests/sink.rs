@@ -83,19 +83,6 @@ max_batch_wait = "10ms"
     }
 }
 
-/// Every row of `table` as text, in key order.
-async fn dump(c: &Client, table: &str, order: &str) -> Vec<String> {
-    c.query(
-        &format!("SELECT dump_row::text FROM {table} dump_row ORDER BY {order}"),
-        &[],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("dump {table}: {e}"))
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
 /// Waits until every table reads the same in source and target; panics with the first
 /// difference after `timeout`.
 async fn wait_equal(cl: &Clone, tables: &[(&str, &str)], timeout: Duration) {

@@ -757,3 +757,16 @@ pub fn send_signal(sig: &str, pid: impl std::fmt::Display) {
         .success();
     assert!(ok, "kill {sig} {pid}");
 }
+
+/// Every row of `table` as text, in key order.
+pub async fn dump(c: &Client, table: &str, order: &str) -> Vec<String> {
+    c.query(
+        &format!("SELECT dump_row::text FROM {table} dump_row ORDER BY {order}"),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("dump {table}: {e}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
