@@ -415,10 +415,9 @@ async fn run_once(
         }
         let routed = barrier.route(items, &applied, &assigner.assigned);
         pause_resume(&consumer, &routed.pause, &routed.resume);
-        if routed.pause.iter().any(|p| !assigner.assigned.contains(p))
-            || barrier.held().next().is_some()
-        {
-            // A truncate names partitions this sink has not assigned yet: look for them now.
+        if barrier.held().next().is_some() {
+            // A held truncate may wait for partitions this sink has not assigned yet: look for
+            // them now rather than at the next periodic scan.
             assigner.rescan_soon();
         }
         let items = routed.ready;
