@@ -747,16 +747,19 @@ fn check_observed(h: &History, o: &Observed, f: &mut Findings) {
             continue;
         };
         let mut at = 0usize;
+        let mut seen_a_row = false;
         for s in seen {
             let next = match s {
                 Some(_) => states[at..].iter().position(|x| x == s).map(|i| at + i),
-                // An absent row: before the first state, or a later deletion.
+                // An absent row before any row was seen: not applied yet (no claim on where
+                // the key stands). After a row: the state seen, or a later deletion.
+                None if !seen_a_row => Some(at),
                 None => states[at..]
                     .iter()
                     .position(|x| x.is_none())
-                    .map(|i| at + i)
-                    .or(Some(at).filter(|_| at == 0)),
+                    .map(|i| at + i),
             };
+            seen_a_row |= s.is_some();
             match next {
                 Some(i) => at = i,
                 None => {
