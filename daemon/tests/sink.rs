@@ -1378,3 +1378,97 @@ async fn a_resync_asked_for_during_the_snapshot_waits_for_it_instead_of_restarti
     assert!(out.contains("compacted topics"), "{out}");
     cl.cleanup().await;
 }
+
+/// Values the native Avro types cannot hold (NaN in numeric(p,s), arrays with more
+/// dimensions, other lower bounds or such elements) reach the target unchanged, in keys too; a
+/// value nothing can carry stops the source and says so on /status, in a metric and in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_in_text_form_are_cloned_and_an_unreadable_one_is_reported() {
+    let ddl = "
+CREATE TABLE odd (k numeric(10,2) PRIMARY KEY, n numeric(10,2), a int[], d numeric(5,1)[], ts timestamp);
+INSERT INTO odd VALUES
+  (1, 'NaN', '{{1,2},{3,4}}', '{1.5,NaN}', '2024-01-01'),
+  (2, 7.5, '[0:2]={7,8,9}', '{2.5}', NULL),
+  ('NaN', 'NaN', '{}', '{{1.0},{NULL}}', NULL),
+  (4, 3.25, '{5,NULL}', NULL, NULL);";
+    let cl = Clone::new("sktext", ddl, "", "").await;
+    let tables = [("odd", "k")];
+    let mut daemon = Daemon::start(&cl.config, "text-form");
+    daemon
+        .wait_log("streaming started", Duration::from_secs(120))
+        .await;
+    wait_equal(&cl, &tables, Duration::from_secs(60)).await;
+    // Streamed: inserts, updates into and out of text form, a key change from and to NaN.
+    cl.src
+        .batch_execute(
+            "INSERT INTO odd VALUES (5, 'NaN', '[-1:-1][1:2]={{6,7}}', '{NaN}', NULL);
+             UPDATE odd SET n = 'NaN', a = '{1}' WHERE k = 2;
+             UPDATE odd SET n = 4.5, a = '{{8}}' WHERE k = 1;
+             UPDATE odd SET k = 3 WHERE k = 'NaN';
+             UPDATE odd SET k = 'NaN' WHERE k = 4;
+             DELETE FROM odd WHERE k = 5;
+             INSERT INTO odd VALUES (5, 1, '{}', '{}', NULL);",
+        )
+        .await
+        .expect("stream");
+    wait_equal(&cl, &tables, Duration::from_secs(60)).await;
+    let got: Vec<String> = cl
+        .dst
+        .query(
+            "SELECT k::text || ' ' || coalesce(a::text, '-') FROM odd ORDER BY k",
+            &[],
+        )
+        .await
+        .expect("target")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "1.00 {{8}}",
+            "2.00 {1}",
+            "3.00 {}",
+            "5.00 {}",
+            "NaN {5,NULL}"
+        ],
+        "dimensions and bounds survive"
+    );
+    let (code, out) = cli(&cl.config, &["verify"], &[]);
+    assert_eq!(code, Some(0), "verify: {out}");
+
+    // A timestamp beyond 64 bits of microseconds since 1970 fits no field type.
+    cl.src
+        .batch_execute("INSERT INTO odd (k, ts) VALUES (9, '294270-01-01 00:00:00')")
+        .await
+        .expect("insert");
+    let addr = admin_addr(&mut daemon).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(&addr, "/status", None).await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+        let err = v["connectors"][&cl.spec.db]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if err.contains("table public.odd, column ts") && err.contains("294270-01-01") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status: {body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, metrics) = http_get(&addr, "/metrics", None).await;
+    let stops: f64 = parse_prometheus(&metrics)
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("bitclone9_source_unreadable_values_total")
+                && k.contains(r#"table="public.odd""#)
+                && k.contains(r#"column="ts""#)
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert!(stops >= 1.0, "{metrics}");
+    assert!(daemon.log_text().contains("column ts"));
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.cleanup().await;
+}

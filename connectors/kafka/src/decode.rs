@@ -414,10 +414,21 @@ fn columns_of(record: &Json) -> Result<Vec<(String, Column)>, String> {
             .and_then(Json::as_str)
             .ok_or("field without name")?;
         let ty = f.get("type").ok_or("field without type")?;
-        let inner = match ty.as_array() {
-            Some(b) if b.len() == 2 && b[0] == "null" => &b[1],
-            Some(_) => return Err(format!("field {field}: unsupported union")),
+        // `T` or `["null", T]`, either with a last `string` branch carrying PostgreSQL's text
+        // form of the values `T` cannot hold (`schema::field_type`).
+        let inner = match ty.as_array().map(Vec::as_slice) {
             None => ty,
+            Some(branches) => {
+                let rest = match branches {
+                    [n, rest @ ..] if n == "null" => rest,
+                    all => all,
+                };
+                match rest {
+                    [t] if t != "null" => t,
+                    [t, s] if t != "null" && s == "string" => t,
+                    _ => return Err(format!("field {field}: unsupported union {ty}")),
+                }
+            }
         };
         let pg_type = f
             .get("pg.type")
@@ -1050,5 +1061,102 @@ mod tests {
             rt.block_on(reader.decode(topic, None, Some(b"garbage"), &Default::default())),
             Err(DecodeError::Frame(_))
         ));
+    }
+
+    #[test]
+    fn values_in_text_form_round_trip_in_keys_and_values() {
+        let dec = ColumnType::Decimal {
+            precision: 10,
+            scale: 2,
+        };
+        let col = |name: &str, ty: ColumnType, key| Column {
+            name: name.into(),
+            ty,
+            pg_type: "t".into(),
+            type_oid: 0,
+            is_key: key,
+        };
+        let t = Arc::new(TableSchema {
+            id: TableId::new("public", "odd"),
+            relation_id: 8,
+            columns: vec![
+                col("k", dec.clone(), true),
+                col("n", dec.clone(), false),
+                col("a", ColumnType::Array(Box::new(ColumnType::Int32)), false),
+                col("m", dec, false),
+            ],
+        });
+        let topic = "demo.public.odd";
+        let key = key_schema(&t, topic).expect("key");
+        let value = value_schema(&t, topic).expect("value");
+        assert!(key.contains(r#""type":[{"logicalType":"decimal""#), "{key}");
+        let mut plans = HashMap::new();
+        plans.insert(1, Arc::new(plan(&key).expect("key plan")));
+        plans.insert(2, Arc::new(plan(&value).expect("value plan")));
+        let after = vec![
+            Value::Text("NaN".into()),
+            Value::Text("-Infinity".into()),
+            Value::Text("[0:1]={{1,2},{3,4}}".into()),
+            Value::Decimal(vec![0x30, 0x39]),
+        ];
+        let change = Change {
+            table: t.clone(),
+            op: Op::Insert,
+            before: None,
+            after: Some(after.clone()),
+            tx: TxInfo {
+                xid: Some(1),
+                commit_lsn: Lsn(16),
+                commit_time_us: 0,
+            },
+            seq: 0,
+            snapshot: SnapshotMark::No,
+        };
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+        encode_key(&mut kbuf, 1, &t, &[change.after.as_ref()]).expect("key");
+        let info = SourceInfo {
+            name: "demo".into(),
+            db: "shop".into(),
+        };
+        encode_envelope(&mut vbuf, 2, &change, &info, 1).expect("envelope");
+        for (schema, bytes) in [(&key, &kbuf), (&value, &vbuf)] {
+            let parsed = apache_avro::Schema::parse_str(schema).expect("schema parses");
+            let mut rest = &bytes[5..];
+            apache_avro::reader::datum::GenericDatumReader::builder(&parsed)
+                .build()
+                .expect("reader")
+                .read_value(&mut rest)
+                .expect("apache-avro reads it");
+            assert!(rest.is_empty());
+        }
+        let mut reader = EventReader {
+            registry: crate::Registry::new("http://127.0.0.1:1", std::time::Duration::from_secs(1))
+                .expect("registry"),
+            plans,
+            tables: HashMap::new(),
+            latest: HashMap::new(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let Ok(Decoded::Change(got)) =
+            rt.block_on(reader.decode(topic, Some(&kbuf), Some(&vbuf), &Default::default()))
+        else {
+            panic!("decodes")
+        };
+        assert_eq!(got.after, Some(after));
+        let h = TombstoneHeaders {
+            schema: Some("public".into()),
+            table: Some("odd".into()),
+            lsn: Some(Lsn(77)),
+            seq: Some(3),
+            txid: Some(9),
+        };
+        let Ok(Decoded::Tombstone(Some(del))) =
+            rt.block_on(reader.decode(topic, Some(&kbuf), None, &h))
+        else {
+            panic!("a tombstone with headers is a delete")
+        };
+        assert_eq!(del.before.expect("key row")[0], Value::Text("NaN".into()));
     }
 }

@@ -3,6 +3,7 @@
 //! no intermediate value tree on the hot path. The field order is the one `schema.rs` generates;
 //! tests decode the bytes with apache-avro against those schemas.
 
+use crate::schema::has_text_form;
 use bitclone9_core::{Change, ColumnType, Row, SnapshotMark, TableSchema, Value};
 
 /// A value that does not fit its column's Avro type.
@@ -107,9 +108,30 @@ fn write_optional(buf: &mut Vec<u8>, ty: &ColumnType, v: &Value) -> Result<(), (
     }
 }
 
+/// Writes a column's field (`schema::field_type`): the union branch, then the value. A text value
+/// in a column with a text form takes the `string` branch, which comes last.
+fn write_field(buf: &mut Vec<u8>, ty: &ColumnType, v: &Value, optional: bool) -> Result<(), ()> {
+    let first = i64::from(optional);
+    match v {
+        Value::Null | Value::UnchangedToast if optional => write_long(buf, 0),
+        Value::Null | Value::UnchangedToast => return Err(()),
+        Value::Text(s) if has_text_form(ty) => {
+            write_long(buf, first + 1);
+            write_bytes(buf, s.as_bytes());
+        }
+        v => {
+            if optional || has_text_form(ty) {
+                write_long(buf, first);
+            }
+            write_value(buf, ty, v)?;
+        }
+    }
+    Ok(())
+}
+
 fn write_row(buf: &mut Vec<u8>, table: &TableSchema, row: &Row) -> Result<(), EncodeError> {
     for (i, (col, v)) in table.columns.iter().zip(row).enumerate() {
-        write_optional(buf, &col.ty, v).map_err(|()| mismatch(table, i, v, &col.ty))?;
+        write_field(buf, &col.ty, v, true).map_err(|()| mismatch(table, i, v, &col.ty))?;
     }
     Ok(())
 }
@@ -137,7 +159,7 @@ pub fn encode_key(
                 table: table.id.to_string(),
                 column: table.columns[i].name.clone(),
             })?;
-        write_value(buf, &table.columns[i].ty, v)
+        write_field(buf, &table.columns[i].ty, v, false)
             .map_err(|()| mismatch(table, i, v, &table.columns[i].ty))?;
     }
     Ok(true)

@@ -83,14 +83,37 @@ pub fn avro_type(ty: &ColumnType) -> Json {
     }
 }
 
+/// Whether a column's field has a `string` branch beside its native type, for the values the
+/// native type cannot hold: `NaN` in `numeric(p,s)`; multi-dimensional arrays,
+/// arrays with other lower bounds than 1 and arrays whose elements do not fit the element type.
+/// Such values travel as PostgreSQL's text form, which a sink writes back unchanged.
+pub fn has_text_form(ty: &ColumnType) -> bool {
+    matches!(ty, ColumnType::Decimal { .. } | ColumnType::Array(_))
+}
+
+/// The Avro type of a column's field: `["null", T]` when `optional` (Value records), `T` in
+/// Key records, with a `string` branch last for the types of [`has_text_form`].
+pub fn field_type(ty: &ColumnType, optional: bool) -> Json {
+    let mut branches = Vec::with_capacity(3);
+    if optional {
+        branches.push(json!("null"));
+    }
+    branches.push(avro_type(ty));
+    if has_text_form(ty) {
+        branches.push(json!("string"));
+    }
+    match branches.len() {
+        1 => branches.remove(0),
+        _ => Json::Array(branches),
+    }
+}
+
 fn field(name: &str, column: &bitclone9_core::Column, optional: bool) -> Json {
     let mut f = Map::new();
     f.insert("name".into(), json!(name));
+    f.insert("type".into(), field_type(&column.ty, optional));
     if optional {
-        f.insert("type".into(), json!(["null", avro_type(&column.ty)]));
         f.insert("default".into(), Json::Null);
-    } else {
-        f.insert("type".into(), avro_type(&column.ty));
     }
     // What a sink needs to recreate the column exactly.
     f.insert("pg.type".into(), json!(column.pg_type));

@@ -164,27 +164,48 @@ pub fn parse_text(ty: &ColumnType, text: &str) -> Result<Value, ValueError> {
         | ColumnType::Enum
         | ColumnType::Other => Value::Text(text.to_string()),
         ColumnType::Bytes => Value::Bytes(parse_bytea(text).ok_or_else(|| fail("not hex bytea"))?),
-        ColumnType::Decimal { scale, .. } => Value::Decimal(
-            parse_decimal(text, *scale)
-                .ok_or_else(|| fail("not a finite decimal of that scale"))?,
-        ),
+        ColumnType::Decimal { scale, .. } => match parse_decimal(text, *scale) {
+            Some(d) => Value::Decimal(d),
+            // Values a decimal cannot hold travel in their text form (`schema::has_text_form`).
+            None if matches!(text, "NaN" | "Infinity" | "-Infinity") => {
+                Value::Text(text.to_string())
+            }
+            None => return Err(fail("not a decimal of that scale")),
+        },
         ColumnType::Date => Value::Int(parse_date(text).ok_or_else(|| fail("not an ISO date"))?),
         ColumnType::Time => Value::Long(parse_time(text).ok_or_else(|| fail("not an ISO time"))?),
         ColumnType::Timestamp | ColumnType::TimestampTz => {
-            Value::Long(parse_timestamp(text).ok_or_else(|| fail("not an ISO timestamp"))?)
+            Value::Long(parse_timestamp(text).ok_or_else(|| {
+                fail("not an ISO timestamp within 64 bits of microseconds from 1970")
+            })?)
         }
-        ColumnType::Array(elem) => {
-            let items = split_array(text).map_err(fail)?;
-            let mut values = Vec::with_capacity(items.len());
-            for item in items {
-                values.push(match item {
-                    None => Value::Null,
-                    Some(s) => parse_text(elem, &s)?,
-                });
+        // An array that is not one-dimensional from index 1, or has an element its element type
+        // cannot hold, travels in its text form, which keeps dimensions and bounds.
+        ColumnType::Array(elem) => match parse_array(elem, text) {
+            Some(values) => Value::Array(values),
+            None if text.starts_with(['{', '[']) && text.ends_with('}') => {
+                Value::Text(text.to_string())
             }
-            Value::Array(values)
-        }
+            None => return Err(fail("not an array literal")),
+        },
     })
+}
+
+/// A one-dimensional array literal with lower bound 1 whose elements all parse as `elem`.
+fn parse_array(elem: &ColumnType, text: &str) -> Option<Vec<Value>> {
+    let items = split_array(text).ok()?;
+    let mut values = Vec::with_capacity(items.len());
+    for item in items {
+        values.push(match item {
+            None => Value::Null,
+            Some(s) => match parse_text(elem, &s).ok()? {
+                // A decimal element in text form (NaN) cannot stand inside an array of decimals.
+                Value::Text(_) if matches!(elem, ColumnType::Decimal { .. }) => return None,
+                v => v,
+            },
+        });
+    }
+    Some(values)
 }
 
 fn type_label(ty: &ColumnType) -> &'static str {
@@ -400,12 +421,9 @@ fn parse_timestamp(text: &str) -> Option<i64> {
 
 /// Splits a one-dimensional array literal into its elements (`None` for NULL).
 fn split_array(text: &str) -> Result<Vec<Option<String>>, &'static str> {
-    // Arrays with non-default bounds print them first: `[0:2]={1,2,3}`.
-    let body = match text.find("]={") {
-        Some(i) if text.starts_with('[') => &text[i + 2..],
-        _ => text,
-    };
-    let inner = body
+    // Arrays with other bounds than 1 print them first, `[0:2]={1,2,3}`: they are not split, so
+    // that they keep their bounds in text form.
+    let inner = text
         .strip_prefix('{')
         .and_then(|b| b.strip_suffix('}'))
         .ok_or("not an array literal")?;
@@ -481,6 +499,16 @@ mod tests {
         assert!(parse_decimal("1.234", 2).is_none());
         assert!(parse_decimal("", 2).is_none());
         assert!(parse_decimal("1e5", 2).is_none());
+        // What a decimal cannot hold keeps its text form; other text is an error.
+        let ty = ColumnType::Decimal {
+            precision: 10,
+            scale: 2,
+        };
+        for special in ["NaN", "Infinity", "-Infinity"] {
+            assert_eq!(parse_text(&ty, special), Ok(Value::Text(special.into())));
+        }
+        assert!(parse_text(&ty, "nan").is_err());
+        assert!(parse_text(&ty, "1.234").is_err());
     }
 
     #[test]
@@ -533,9 +561,21 @@ mod tests {
             ]))
         );
         assert_eq!(parse_text(&ints, "{}"), Ok(Value::Array(vec![])));
+        // Other bounds than 1 and more dimensions keep their text form, which holds both.
+        for text in ["[0:1]={5,6}", "{{1,2},{3,4}}", "[2:2][1:1]={{7}}", "{{}}"] {
+            assert_eq!(parse_text(&ints, text), Ok(Value::Text(text.into())));
+        }
+        let decimals = ColumnType::Array(Box::new(ColumnType::Decimal {
+            precision: 5,
+            scale: 1,
+        }));
         assert_eq!(
-            parse_text(&ints, "[0:1]={5,6}"),
-            Ok(Value::Array(vec![Value::Int(5), Value::Int(6)]))
+            parse_text(&decimals, "{1.5,NULL}"),
+            Ok(Value::Array(vec![Value::Decimal(vec![15]), Value::Null]))
+        );
+        assert_eq!(
+            parse_text(&decimals, "{1.5,NaN}"),
+            Ok(Value::Text("{1.5,NaN}".into()))
         );
         let texts = ColumnType::Array(Box::new(ColumnType::Text));
         assert_eq!(
@@ -547,8 +587,8 @@ mod tests {
                 Value::Text("NULL".into()),
             ]))
         );
-        assert!(parse_text(&ints, "{{1,2},{3,4}}").is_err());
-        assert!(parse_text(&ints, "{1,x}").is_err());
+        assert!(parse_text(&ints, "1,2").is_err());
+        assert!(parse_text(&ints, "").is_err());
     }
 
     #[test]
