@@ -778,15 +778,33 @@ fn tx_headers(change: &Change) -> OwnedHeaders {
     h
 }
 
-/// Enqueues a record, waiting while librdkafka's queue is full.
+/// How long a source waits for Kafka to take or acknowledge the next record before it ends its
+/// run. While records wait, the walsender has sent WAL the source cannot confirm, and
+/// PostgreSQL's shutdown waits for that confirmation: a source that held its replication
+/// connection through a Kafka outage would hold up a restart of PostgreSQL.
+pub const KAFKA_STALL_LIMIT: Duration = Duration::from_secs(15);
+
+/// Enqueues a record, waiting while librdkafka's queue is full, for [`KAFKA_STALL_LIMIT`] at
+/// most.
 async fn enqueue(
     producer: &EventProducer,
     mut rec: FutureRecord<'_, [u8], [u8]>,
 ) -> Result<DeliveryFuture, SinkError> {
+    let mut full_since = None;
     loop {
         match producer.send_result(rec) {
             Ok(f) => return Ok(f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                let since = *full_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > KAFKA_STALL_LIMIT {
+                    return Err(SinkError::Produce {
+                        topic: back.topic.to_string(),
+                        detail: format!(
+                            "the producer's queue stayed full for {}s: Kafka takes no records",
+                            KAFKA_STALL_LIMIT.as_secs()
+                        ),
+                    });
+                }
                 rec = back;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
