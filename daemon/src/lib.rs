@@ -3,7 +3,7 @@
 
 pub mod admin;
 pub mod checkpoint;
-pub mod config;
+pub use bitclone9_config as config;
 pub mod pipeline;
 pub mod sink;
 pub mod status;

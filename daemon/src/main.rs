@@ -31,7 +31,7 @@ enum Command {
         config: PathBuf,
         /// Overrides daemon.log_format.
         #[arg(long, value_enum)]
-        log_format: Option<LogFormat>,
+        log_format: Option<LogFormatArg>,
     },
     /// Validate the configuration file; with --connect, also reach each service.
     Check {
@@ -90,6 +90,22 @@ enum Command {
         #[command(subcommand)]
         action: CheckpointAction,
     },
+}
+
+/// `--log-format`, as `daemon.log_format` takes it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(f: LogFormatArg) -> Self {
+        match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -166,7 +182,7 @@ enum SlotAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config_path, log_format) = match &cli.command {
-        Command::Run { config, log_format } => (config, *log_format),
+        Command::Run { config, log_format } => (config, log_format.map(LogFormat::from)),
         Command::Check { config, .. }
         | Command::Status { config }
         | Command::Slot {

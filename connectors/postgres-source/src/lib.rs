@@ -1209,7 +1209,7 @@ fn parse_tuple(table: &TableSchema, tuple: &[TupleValue]) -> Result<Row, SourceE
 }
 
 /// Parses one line of `COPY ... TO STDOUT` text format.
-fn parse_copy_line(table: &TableSchema, line: &[u8]) -> Result<Row, SourceError> {
+pub fn parse_copy_line(table: &TableSchema, line: &[u8]) -> Result<Row, SourceError> {
     let mut row = Vec::with_capacity(table.columns.len());
     let mut fields = line.split(|&b| b == b'\t');
     for col in &table.columns {

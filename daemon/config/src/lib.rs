@@ -91,7 +91,7 @@ fn default_sample_ratio() -> f64 {
     1.0
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -1353,7 +1353,7 @@ database = "shop"
         };
         for f in ["bitclone9.toml", "quickstart.toml"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../config")
+                .join("../../config")
                 .join(f);
             let text = std::fs::read_to_string(&path).expect("example config exists");
             Config::parse(&path, &text, &env).unwrap_or_else(|e| panic!("{f}: {e}"));
