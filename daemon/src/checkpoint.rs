@@ -2,10 +2,16 @@
 //!
 //! Positions only ever move forward: a write of a lower LSN than the stored one is ignored, so
 //! a late or replayed acknowledgement can never move a source back.
+//!
+//! A failed call (a state directory that is full or not writable) closes the store, and the
+//! next call opens it again: RocksDB stays read-only after a failed write until it is reopened,
+//! and the daemon is to recover by itself once the directory is fixed. Nothing is confirmed to
+//! PostgreSQL or Kafka meanwhile, since a position counts only once it is stored.
 
 use bitclone9_core::{Lsn, TableId};
 use bitclone9_postgres_source::ResumeState;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -13,12 +19,17 @@ pub enum CheckpointError {
     Open { dir: PathBuf, detail: String },
     #[error("checkpoint store: {0}")]
     Io(#[from] rocksdb::Error),
+    #[error("the checkpoint store in the state directory {dir} failed: {detail}; check that the directory is writable and has free space (the store is opened again on the next attempt)")]
+    Failed { dir: PathBuf, detail: String },
     #[error("checkpoint store: corrupt value under {0}")]
     Corrupt(String),
 }
 
 pub struct CheckpointStore {
-    db: rocksdb::DB,
+    /// `None` after a failed call, until the next call opens it again (primary stores only).
+    db: RwLock<Option<rocksdb::DB>>,
+    /// The state directory.
+    dir: PathBuf,
     /// The scratch folder of a secondary instance (a view of a store a daemon holds). Declared
     /// after `db`, so it is removed only once the database is closed.
     _secondary: Option<Scratch>,
@@ -60,23 +71,63 @@ impl CheckpointStore {
             detail,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        Ok(Self {
+            db: RwLock::new(Some(Self::open_primary(dir)?)),
+            dir: dir.to_path_buf(),
+            _secondary: None,
+        })
+    }
+
+    fn open_primary(dir: &Path) -> Result<rocksdb::DB, CheckpointError> {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
         opts.set_keep_log_file_num(3);
-        let db = rocksdb::DB::open(&opts, dir.join("checkpoints")).map_err(|e| {
+        rocksdb::DB::open(&opts, dir.join("checkpoints")).map_err(|e| {
             let msg = e.to_string();
-            if msg.contains("lock") {
-                open_err(format!(
-                    "{msg} (is another bitclone9 running with this state_dir?)"
-                ))
-            } else {
-                open_err(msg)
+            CheckpointError::Open {
+                dir: dir.to_path_buf(),
+                detail: if msg.contains("lock") {
+                    format!("{msg} (is another bitclone9 running with this state_dir?)")
+                } else {
+                    msg
+                },
             }
-        })?;
-        Ok(Self {
-            db,
-            _secondary: None,
         })
+    }
+
+    /// Runs `f` on the open database, opening it again first if an earlier call failed. A
+    /// failure of `f` closes a primary store (see the module doc).
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&rocksdb::DB) -> Result<T, CheckpointError>,
+    ) -> Result<T, CheckpointError> {
+        let closed = self.db.read().unwrap_or_else(|p| p.into_inner()).is_none();
+        if closed {
+            let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+            if db.is_none() {
+                *db = Some(Self::open_primary(&self.dir)?);
+                tracing::info!(dir = %self.dir.display(), "checkpoint store opened again after a failure");
+            }
+        }
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = guard.as_ref() else {
+            return Err(CheckpointError::Failed {
+                dir: self.dir.clone(),
+                detail: "closed after a failure".into(),
+            });
+        };
+        match f(db) {
+            Err(CheckpointError::Io(e)) if self._secondary.is_none() => {
+                drop(guard);
+                *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+                tracing::error!(dir = %self.dir.display(), error = %e, "checkpoint store failed: closed, to be opened again on the next attempt");
+                Err(CheckpointError::Failed {
+                    dir: self.dir.clone(),
+                    detail: e.to_string(),
+                })
+            }
+            r => r,
+        }
     }
 
     /// Opens the store for reading while a running daemon holds it, as RocksDB's secondary
@@ -105,11 +156,11 @@ impl CheckpointStore {
                 open_err(e.to_string())
             })?;
         let view = Self {
-            db,
+            db: RwLock::new(Some(db)),
+            dir: dir.to_path_buf(),
             _secondary: Some(Scratch(scratch)),
         };
-        view.db
-            .try_catch_up_with_primary()
+        view.with_db(|db| Ok(db.try_catch_up_with_primary()?))
             .map_err(|e| open_err(format!("catching up with the running daemon: {e}")))?;
         Ok(view)
     }
@@ -129,8 +180,7 @@ impl CheckpointStore {
         }
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(true);
-        self.db.write_opt(batch, &w)?;
-        Ok(())
+        self.with_db(|db| Ok(db.write_opt(batch, &w)?))
     }
 
     /// A sink's checkpointed offsets: (topic, partition, last applied offset).
@@ -139,27 +189,29 @@ impl CheckpointStore {
         sink: &str,
     ) -> Result<Vec<(String, i32, i64)>, CheckpointError> {
         let prefix = format!("sink/{sink}/");
-        let mut out = Vec::new();
-        for kv in self.db.prefix_iterator(prefix.as_bytes()) {
-            let (k, v) = kv?;
-            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
-                break;
-            };
-            let key = String::from_utf8_lossy(rest).to_string();
-            let corrupt = || CheckpointError::Corrupt(format!("{prefix}{key}"));
-            let (topic, partition) = key.rsplit_once('/').ok_or_else(corrupt)?;
-            let partition: i32 = partition.parse().map_err(|_| corrupt())?;
-            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
-            out.push((topic.to_string(), partition, i64::from_be_bytes(bytes)));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let mut out = Vec::new();
+            for kv in db.prefix_iterator(prefix.as_bytes()) {
+                let (k, v) = kv?;
+                let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
+                    break;
+                };
+                let key = String::from_utf8_lossy(rest).to_string();
+                let corrupt = || CheckpointError::Corrupt(format!("{prefix}{key}"));
+                let (topic, partition) = key.rsplit_once('/').ok_or_else(corrupt)?;
+                let partition: i32 = partition.parse().map_err(|_| corrupt())?;
+                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
+                out.push((topic.to_string(), partition, i64::from_be_bytes(bytes)));
+            }
+            Ok(out)
+        })
     }
 
     /// Forgets a sink's offsets.
     pub fn clear_sink(&self, sink: &str) -> Result<usize, CheckpointError> {
         let keys = self.load_sink_offsets(sink)?;
         for (topic, partition, _) in &keys {
-            self.db.delete(format!("sink/{sink}/{topic}/{partition}"))?;
+            self.with_db(|db| Ok(db.delete(format!("sink/{sink}/{topic}/{partition}"))?))?;
         }
         Ok(keys.len())
     }
@@ -167,8 +219,7 @@ impl CheckpointStore {
     /// Writes a consistent copy of the store into `dest`, which must not exist yet: RocksDB's
     /// checkpoint (hard links where possible) of a store this process holds.
     pub fn backup(&self, dest: &Path) -> Result<(), CheckpointError> {
-        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dest)?;
-        Ok(())
+        self.with_db(|db| Ok(rocksdb::checkpoint::Checkpoint::new(db)?.create_checkpoint(dest)?))
     }
 
     /// Copies a store a running daemon holds, as of now, key by key into a new store at `dest`.
@@ -182,11 +233,14 @@ impl CheckpointStore {
             dir: dest.to_path_buf(),
             detail: e.to_string(),
         })?;
-        let mut batch = rocksdb::WriteBatch::default();
-        for kv in view.db.iterator(rocksdb::IteratorMode::Start) {
-            let (k, v) = kv?;
-            batch.put(k, v);
-        }
+        let batch = view.with_db(|db| {
+            let mut batch = rocksdb::WriteBatch::default();
+            for kv in db.iterator(rocksdb::IteratorMode::Start) {
+                let (k, v) = kv?;
+                batch.put(k, v);
+            }
+            Ok(batch)
+        })?;
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(true);
         copy.write_opt(batch, &w)?;
@@ -224,7 +278,7 @@ impl CheckpointStore {
     }
 
     fn get_lsn(&self, key: &str) -> Result<Option<Lsn>, CheckpointError> {
-        match self.db.get(key)? {
+        match self.with_db(|db| Ok(db.get(key)?))? {
             None => Ok(None),
             Some(v) => {
                 let bytes: [u8; 8] = v
@@ -239,8 +293,7 @@ impl CheckpointStore {
     fn put_sync(&self, key: &str, lsn: Lsn) -> Result<(), CheckpointError> {
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(true);
-        self.db.put_opt(key, lsn.0.to_be_bytes(), &w)?;
-        Ok(())
+        self.with_db(|db| Ok(db.put_opt(key, lsn.0.to_be_bytes(), &w)?))
     }
 
     pub fn load_source(&self, source: &str) -> Result<ResumeState, CheckpointError> {
@@ -254,17 +307,19 @@ impl CheckpointStore {
     /// The tables of `source` whose resync was asked for and not yet delivered.
     pub fn pending_resyncs(&self, source: &str) -> Result<Vec<TableId>, CheckpointError> {
         let prefix = resync_prefix(source);
-        let mut tables = Vec::new();
-        for kv in self.db.prefix_iterator(prefix.as_bytes()) {
-            let (k, _) = kv?;
-            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
-                break;
-            };
-            let (schema, name): (String, String) = serde_json::from_slice(rest)
-                .map_err(|_| CheckpointError::Corrupt(String::from_utf8_lossy(&k).into()))?;
-            tables.push(TableId::new(schema, name));
-        }
-        Ok(tables)
+        self.with_db(|db| {
+            let mut tables = Vec::new();
+            for kv in db.prefix_iterator(prefix.as_bytes()) {
+                let (k, _) = kv?;
+                let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
+                    break;
+                };
+                let (schema, name): (String, String) = serde_json::from_slice(rest)
+                    .map_err(|_| CheckpointError::Corrupt(String::from_utf8_lossy(&k).into()))?;
+                tables.push(TableId::new(schema, name));
+            }
+            Ok(tables)
+        })
     }
 
     /// Records (durably) that `table` of `source` is to be read again; the request survives a
@@ -272,12 +327,12 @@ impl CheckpointStore {
     /// finishing another never overwrite each other. Returns false when it was already pending.
     pub fn request_resync(&self, source: &str, table: &TableId) -> Result<bool, CheckpointError> {
         let key = resync_key(source, table);
-        if self.db.get(&key)?.is_some() {
+        if self.with_db(|db| Ok(db.get(&key)?))?.is_some() {
             return Ok(false);
         }
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(true);
-        self.db.put_opt(&key, b"", &w)?;
+        self.with_db(|db| Ok(db.put_opt(&key, b"", &w)?))?;
         Ok(true)
     }
 
@@ -289,8 +344,7 @@ impl CheckpointStore {
         }
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(true);
-        self.db.write_opt(batch, &w)?;
-        Ok(())
+        self.with_db(|db| Ok(db.write_opt(batch, &w)?))
     }
 
     /// Stores the source's confirmed position if it is ahead of the stored one.
@@ -319,15 +373,15 @@ impl CheckpointStore {
         }
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(true);
-        self.db.write_opt(batch, &w)?;
-        Ok(())
+        self.with_db(|db| Ok(db.write_opt(batch, &w)?))
     }
 
     /// Forgets a source's snapshot record (its slot was re-created: a new snapshot is due).
     pub fn clear_source(&self, source: &str) -> Result<(), CheckpointError> {
-        self.db.delete(snapshot_key(source))?;
-        self.db.delete(lsn_key(source))?;
-        Ok(())
+        self.with_db(|db| {
+            db.delete(snapshot_key(source))?;
+            Ok(db.delete(lsn_key(source))?)
+        })
     }
 }
 
