@@ -320,7 +320,8 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 /// `YYYY-MM-DD` → (days since epoch, rest of the text after the date); `bc` for years before 1 AD.
 fn parse_date_prefix(text: &str, bc: bool) -> Option<(i64, &str)> {
     let (year, rest) = text.split_once('-')?;
-    if year.is_empty() || !year.bytes().all(|b| b.is_ascii_digit()) {
+    // PostgreSQL's years end at 5874897; more digits would overflow the day count.
+    if year.is_empty() || year.len() > 7 || !year.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let month: u32 = rest.get(0..2)?.parse().ok()?;
@@ -546,6 +547,10 @@ mod tests {
             Some(-719_528 * 86_400 * 1_000_000)
         );
         assert_eq!(parse_timestamp("-infinity"), Some(i64::MIN));
+        // Found by the pgoutput_decode fuzz target: a year whose day count overflowed.
+        assert_eq!(parse_date("1111111111111111110-07-11"), None);
+        assert_eq!(parse_timestamp("1111111111111111110-07-11 00:00:00"), None);
+        assert_eq!(parse_date("5874897-12-31"), Some(2_145_042_905));
         assert_eq!(parse_timestamp("2024-02-29T12:30:45"), None);
     }
 
