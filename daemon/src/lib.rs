@@ -135,6 +135,7 @@ pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
         },
         heartbeat_interval: s.heartbeat_interval,
         status_interval: s.status_interval,
+        new_table_check_interval: s.new_table_check_interval,
     }
 }
 

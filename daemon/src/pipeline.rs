@@ -277,7 +277,18 @@ async fn run_once(
     };
     let mut writer = EventWriter::connect(&cfg.kafka, cfg.topics.clone(), info).await?;
     let forget = || store.clear_source(&name).map_err(|e| e.to_string());
-    let mut source = PostgresSource::start(cfg.source.clone(), resume, &forget).await?;
+    let record_resync = |tables: &[bitclone9_core::TableId]| {
+        tables
+            .iter()
+            .try_for_each(|t| store.request_resync(&name, t).map(|_| ()))
+            .map_err(|e| e.to_string())
+    };
+    let mut source =
+        PostgresSource::start(cfg.source.clone(), resume, &forget, &record_resync).await?;
+    // New tables matching include are looked for between batches while streaming (never by
+    // interrupting a batch); the next run adds and reads them.
+    let check_every = cfg.source.new_table_check_interval;
+    let mut checked_at = Instant::now();
 
     let (ack_tx, ack_rx) = mpsc::channel::<(Instant, Vec<AckItem>)>(64);
     let mut acker = tokio::spawn(acker(
@@ -414,6 +425,18 @@ async fn run_once(
         events_r.increment(counts[Op::Read as usize]);
         if let Some(e) = failed {
             break Err(e);
+        }
+        if !check_every.is_zero() && checked_at.elapsed() >= check_every && !source.snapshotting() {
+            checked_at = Instant::now();
+            let new = match source.unpublished_tables().await {
+                Ok(new) => new,
+                Err(e) => break Err(e.into()),
+            };
+            if !new.is_empty() {
+                let names: Vec<String> = new.iter().map(ToString::to_string).collect();
+                tracing::info!(connector = %name, tables = %names.join(", "), "new tables match include: restarting to add and read them");
+                break Ok(());
+            }
         }
     };
 

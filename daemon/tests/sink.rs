@@ -1472,3 +1472,93 @@ INSERT INTO odd VALUES
     assert_eq!(daemon.terminate(), Some(0));
     cl.cleanup().await;
 }
+
+/// A table created while the clone streams, matching `include`, is added to the publication and
+/// read (rows written before it was found, and while it was read, included) without a restart
+/// of the daemon, while the other tables keep streaming; a table created while the daemon is
+/// down is added at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_created_later_are_added_and_cloned_while_streaming() {
+    let cl = Clone::new(
+        "sknewtab",
+        "CREATE TABLE first (id int PRIMARY KEY, v text); INSERT INTO first SELECT g, 'a' FROM generate_series(1, 50) g;",
+        "",
+        "",
+    )
+    .await;
+    let text = std::fs::read_to_string(&cl.config).expect("config");
+    std::fs::write(
+        &cl.config,
+        text.replacen(
+            "status_interval = \"200ms\"",
+            "status_interval = \"200ms\"\nnew_table_check_interval = \"1s\"",
+            1,
+        ),
+    )
+    .expect("config");
+    let mut daemon = Daemon::start(&cl.config, "new-tables");
+    daemon
+        .wait_log("streaming started", Duration::from_secs(120))
+        .await;
+    wait_equal(&cl, &[("first", "id")], Duration::from_secs(60)).await;
+    // Created and written while streaming; written again while it is being found and read.
+    cl.src
+        .batch_execute(
+            "CREATE TABLE later (id int PRIMARY KEY, v text);
+             INSERT INTO later SELECT g, 'before' FROM generate_series(1, 200) g;",
+        )
+        .await
+        .expect("create");
+    for round in 0..20 {
+        cl.src
+            .batch_execute(&format!(
+                "UPDATE later SET v = 'round {round}' WHERE id % 20 = {round};
+                 INSERT INTO later VALUES ({}, 'new');
+                 UPDATE first SET v = 'round {round}' WHERE id = {};",
+                1000 + round,
+                round + 1
+            ))
+            .await
+            .expect("writes");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_equal(
+        &cl,
+        &[("first", "id"), ("later", "id")],
+        Duration::from_secs(90),
+    )
+    .await;
+    daemon
+        .wait_log(
+            "new tables matching include added to the publication",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        daemon.is_running(),
+        "the daemon did not restart: only the source's run did"
+    );
+
+    // Created while the daemon is down: added at the next start.
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.src
+        .batch_execute(
+            "CREATE TABLE offline (id int PRIMARY KEY, v text);
+             INSERT INTO offline SELECT g, 'x' FROM generate_series(1, 30) g;
+             DELETE FROM later WHERE id < 10;",
+        )
+        .await
+        .expect("offline");
+    let mut daemon = Daemon::start(&cl.config, "new-tables-2");
+    wait_equal(
+        &cl,
+        &[("first", "id"), ("later", "id"), ("offline", "id")],
+        Duration::from_secs(90),
+    )
+    .await;
+    let (code, out) = cli(&cl.config, &["verify"], &[]);
+    assert_eq!(code, Some(0), "verify: {out}");
+    assert!(out.contains("all 3 table(s) equal"), "{out}");
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.cleanup().await;
+}

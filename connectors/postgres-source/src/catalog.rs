@@ -165,10 +165,39 @@ pub async fn ensure_publication(
         .iter()
         .map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    for t in tables.iter().filter(|t| !published.contains(t)) {
-        tracing::warn!(publication = name, table = %t, "table matches the include patterns but is not in the existing publication, so it is not captured; add it with ALTER PUBLICATION ... ADD TABLE and re-snapshot");
-    }
     Ok(published)
+}
+
+/// The tables of the publication.
+pub async fn published_tables(client: &Client, name: &str) -> Result<Vec<TableId>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(q("listing the publication's tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Adds `tables` to the publication.
+pub async fn add_to_publication(
+    client: &Client,
+    name: &str,
+    tables: &[TableId],
+) -> Result<(), SourceError> {
+    let list: Vec<String> = tables.iter().map(quote_table).collect();
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote_ident(name),
+            list.join(", ")
+        ))
+        .await
+        .map_err(q("adding new tables to the publication"))
 }
 
 /// The slot as `pg_replication_slots` shows it.

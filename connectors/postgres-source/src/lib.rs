@@ -152,6 +152,8 @@ pub struct PostgresSourceConfig {
     pub heartbeat_interval: Duration,
     /// How often the confirmed position is reported to the server.
     pub status_interval: Duration,
+    /// How often the pipeline asks [`PostgresSource::unpublished_tables`]; zero: never.
+    pub new_table_check_interval: Duration,
 }
 
 /// What the daemon remembers of this source between runs.
@@ -419,16 +421,42 @@ fn now_us() -> i64 {
 }
 
 impl PostgresSource {
+    /// Tables that match `include`/`exclude` and are not in the publication (created since the
+    /// run started): the next run adds and reads them. A table that cannot be captured (no key)
+    /// is left out with a warning instead of stopping the source.
+    pub async fn unpublished_tables(&self) -> Result<Vec<TableId>, SourceError> {
+        let matching = match catalog::select_tables(&self.sql, &self.cfg.include, &self.cfg.exclude)
+            .await
+        {
+            Ok(t) => t,
+            Err(SourceError::Misconfigured { problem, fix }) => {
+                tracing::warn!(source = %self.cfg.name, "not adding new tables: {problem}; to fix: {fix}");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
+        let published = catalog::published_tables(&self.sql, &self.cfg.publication).await?;
+        Ok(matching
+            .into_iter()
+            .filter(|t| !published.contains(t))
+            .collect())
+    }
+
     /// Connects, checks the server, makes sure the publication and slot exist, and prepares the
     /// snapshot when one is due.
     ///
     /// `forget_position` runs before a new slot is created: the stored position and snapshot
     /// record belong to the old slot and must not survive it (positions of a new slot, e.g. on
     /// a restored server, may be lower, and a stale record would skip the new snapshot).
+    ///
+    /// Tables that match `include`/`exclude` but are not in the publication yet (created since)
+    /// are added to it and read like a resync, while the other tables stream: `record_resync`
+    /// records that durably first, so a crash in between cannot leave their earlier rows unread.
     pub async fn start(
         cfg: PostgresSourceConfig,
-        resume: ResumeState,
+        mut resume: ResumeState,
         forget_position: &(dyn Fn() -> Result<(), String> + Sync),
+        record_resync: &(dyn Fn(&[TableId]) -> Result<(), String> + Sync),
     ) -> Result<Self, SourceError> {
         let target = format!(
             "{}:{} (database {})",
@@ -437,7 +465,35 @@ impl PostgresSource {
         let sql = connect_sql(&cfg).await?;
         catalog::check_server(&sql, &cfg.endpoint.user).await?;
         let tables = catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await?;
-        let published = catalog::ensure_publication(&sql, &cfg.publication, &tables).await?;
+        let mut published = catalog::ensure_publication(&sql, &cfg.publication, &tables).await?;
+        let new: Vec<TableId> = tables
+            .iter()
+            .filter(|t| !published.contains(t))
+            .cloned()
+            .collect();
+        if !new.is_empty() {
+            let names: Vec<String> = new.iter().map(ToString::to_string).collect();
+            if cfg.snapshot == SnapshotMode::Initial {
+                record_resync(&new).map_err(|e| SourceError::Misconfigured {
+                    problem: format!(
+                        "cannot record that new tables {} are to be read: {e}",
+                        names.join(", ")
+                    ),
+                    fix: "check the daemon's state_dir".into(),
+                })?;
+                for t in &new {
+                    if !resume.resync.contains(t) {
+                        resume.resync.push(t.clone());
+                    }
+                }
+            }
+            catalog::add_to_publication(&sql, &cfg.publication, &new).await?;
+            tracing::info!(source = %cfg.name, tables = %names.join(", "), read = cfg.snapshot == SnapshotMode::Initial,
+                "new tables matching include added to the publication");
+            metrics::counter!("bitclone9_source_tables_added_total", "connector" => cfg.name.clone())
+                .increment(new.len() as u64);
+            published.extend(new);
+        }
 
         let slot = catalog::slot_info(&sql, &cfg.slot).await?;
         let mut need_slot = slot.is_none();

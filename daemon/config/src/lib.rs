@@ -275,6 +275,10 @@ pub struct SourceConfig {
     pub heartbeat_interval: Duration,
     #[serde(default = "default_status_interval", with = "humantime_serde")]
     pub status_interval: Duration,
+    /// How often the catalog is checked for new tables that match `include`/`exclude` (added to
+    /// the publication and read while streaming goes on); "0s" checks only at start.
+    #[serde(default = "default_new_table_check", with = "humantime_serde")]
+    pub new_table_check_interval: Duration,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Topics are `<topic_prefix>.<schema>.<table>`; default the source name.
@@ -291,6 +295,9 @@ fn default_include() -> Vec<String> {
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)
+}
+fn default_new_table_check() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_status_interval() -> Duration {
     Duration::from_secs(1)
