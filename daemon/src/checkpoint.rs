@@ -413,6 +413,50 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    fn chattr(flag: &str, dir: &Path) {
+        let ok = std::process::Command::new("chattr")
+            .args(["-R", flag])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chattr -R {flag} {}: this test needs root and a filesystem with the immutable flag (ext4), as the stack's machine has", dir.display());
+    }
+
+    /// A state directory that cannot be written fails the store's calls with an error naming it;
+    /// once it is writable again the store works again by itself, with what it held.
+    #[test]
+    fn the_store_recovers_by_itself_once_its_directory_is_writable_again() {
+        let dir = std::env::temp_dir().join(format!("bc9-ckpt-ro-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = CheckpointStore::open(&dir).expect("opens");
+        s.save_source_lsn("a", Lsn(100)).expect("saves");
+        chattr("+i", &dir);
+        let failed = s.save_source_lsn("a", Lsn(200));
+        let again = s.save_source_lsn("a", Lsn(300));
+        chattr("-i", &dir);
+        let err = failed.expect_err("a write into an immutable directory fails");
+        assert!(
+            matches!(err, CheckpointError::Failed { .. })
+                && err.to_string().contains("state directory"),
+            "{err}"
+        );
+        assert!(
+            again.is_err(),
+            "still failing while the directory is immutable"
+        );
+        s.save_source_lsn("a", Lsn(400))
+            .expect("writes again once the directory is writable");
+        assert_eq!(s.load_source("a").expect("loads").lsn, Some(Lsn(400)));
+        drop(s);
+        let reopened = CheckpointStore::open(&dir).expect("opens");
+        assert_eq!(
+            reopened.load_source("a").expect("loads").lsn,
+            Some(Lsn(400))
+        );
+        drop(reopened);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn positions_never_move_backward_and_survive_reopen() {
         let dir = std::env::temp_dir().join(format!("bc9-ckpt-{}", std::process::id()));

@@ -532,10 +532,15 @@ async fn acker(
         for item in batch {
             match item {
                 AckItem::Deliveries(deliveries) => {
-                    for d in deliveries {
+                    for mut d in deliveries {
                         // Kafka down or frozen: end the run, which releases the replication
                         // connection; the next run connects to Kafka first.
-                        let Ok(done) = tokio::time::timeout(KAFKA_STALL_LIMIT, d).await else {
+                        // Most deliveries are done by now: a timer only for those still waiting.
+                        let waited = match futures::FutureExt::now_or_never(&mut d) {
+                            Some(done) => Ok(done),
+                            None => tokio::time::timeout(KAFKA_STALL_LIMIT, d).await,
+                        };
+                        let Ok(done) = waited else {
                             return Err(PipelineError::Delivery(format!(
                                 "Kafka acknowledged no record for {}s: the replication \
                                  connection is released until Kafka takes records again",

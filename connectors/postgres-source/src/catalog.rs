@@ -154,18 +154,7 @@ pub async fn ensure_publication(
             "created publication"
         );
     }
-    let rows = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
-            &[&name],
-        )
-        .await
-        .map_err(q("listing the publication's tables"))?;
-    let published: Vec<TableId> = rows
-        .iter()
-        .map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-        .collect();
-    Ok(published)
+    published_tables(client, name).await
 }
 
 /// The tables of the publication.
