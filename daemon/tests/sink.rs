@@ -1538,6 +1538,30 @@ async fn tables_created_later_are_added_and_cloned_while_streaming() {
         daemon.is_running(),
         "the daemon did not restart: only the source's run did"
     );
+    // A new table that cannot be captured (no key) is named and left out; the rest streams on.
+    cl.src
+        .batch_execute(
+            "CREATE TABLE keyless (v text); INSERT INTO keyless VALUES ('x');
+             UPDATE first SET v = 'after keyless' WHERE id = 50;",
+        )
+        .await
+        .expect("keyless");
+    daemon
+        .wait_log(
+            "not adding new tables: table public.keyless has no primary key",
+            Duration::from_secs(30),
+        )
+        .await;
+    wait_equal(
+        &cl,
+        &[("first", "id"), ("later", "id")],
+        Duration::from_secs(30),
+    )
+    .await;
+    cl.src
+        .batch_execute("DROP TABLE keyless")
+        .await
+        .expect("drop keyless");
 
     // Created while the daemon is down: added at the next start.
     assert_eq!(daemon.terminate(), Some(0));
