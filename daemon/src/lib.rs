@@ -18,7 +18,7 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
-use bitclone9_kafka::{KafkaSettings, TopicSettings};
+use bitclone9_kafka::{IncompatibleSchema, KafkaSettings, TopicSettings};
 use bitclone9_postgres_sink::PostgresTargetConfig;
 use bitclone9_postgres_source::PgEndpoint;
 use bitclone9_postgres_source::{PostgresSourceConfig, SnapshotMode, TlsMode, TlsSettings};
@@ -136,6 +136,7 @@ pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
         heartbeat_interval: s.heartbeat_interval,
         status_interval: s.status_interval,
         new_table_check_interval: s.new_table_check_interval,
+        replica_identity_full: s.replica_identity_full,
     }
 }
 
@@ -149,5 +150,9 @@ pub fn topic_settings(name: &str, s: &SourceConfig) -> TopicSettings {
         partitions: s.topics.partitions,
         replication_factor: s.topics.replication_factor,
         config,
+        on_incompatible_schema: match s.topics.on_incompatible_schema {
+            crate::config::IncompatibleSchemaSetting::Stop => IncompatibleSchema::Stop,
+            crate::config::IncompatibleSchemaSetting::NewVersion => IncompatibleSchema::NewVersion,
+        },
     }
 }

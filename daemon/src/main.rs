@@ -404,7 +404,8 @@ async fn admin_action(
             let captured =
                 bitclone9_postgres_source::check(&bitclone9::source_settings(name, source))
                     .await
-                    .map_err(|e| (503, format!("cannot read the source's tables: {e}")))?;
+                    .map_err(|e| (503, format!("cannot read the source's tables: {e}")))?
+                    .tables;
             if !captured.contains(table) {
                 return Err((404, format!("table {table} is not captured by source {name} (see its include/exclude and the database's tables)")));
             }
@@ -783,7 +784,8 @@ async fn resync_command(cfg: Config, source: String, table: String) -> anyhow::R
     // Nothing answers: record the request for the next start, once the table is known.
     let captured = bitclone9_postgres_source::check(&bitclone9::source_settings(&source, s))
         .await
-        .context("reading the source's tables")?;
+        .context("reading the source's tables")?
+        .tables;
     if !captured.contains(&id) {
         println!("table {id} is not captured by source {source} (see its include/exclude and the database's tables)");
         return Ok(ExitCode::from(1));
@@ -983,13 +985,21 @@ async fn check(cfg: Config, connect: bool) -> anyhow::Result<ExitCode> {
     for (name, s) in &cfg.sources {
         let sc = bitclone9::source_settings(name, s);
         match bitclone9_postgres_source::check(&sc).await {
-            Ok(tables) => println!(
-                "source {name} (postgres {}:{}/{}): ok, {} table(s) to capture",
-                s.host,
-                s.port,
-                s.database,
-                tables.len()
-            ),
+            Ok(selection) => {
+                println!(
+                    "source {name} (postgres {}:{}/{}): ok, {} table(s) to capture",
+                    s.host,
+                    s.port,
+                    s.database,
+                    selection.tables.len()
+                );
+                for t in &selection.without_identity {
+                    println!(
+                        "source {name}: warning: {}",
+                        bitclone9_postgres_source::catalog::Selection::left_out_warning(t)
+                    );
+                }
+            }
             Err(e) => {
                 failed = true;
                 println!(
@@ -1054,6 +1064,7 @@ async fn verify_command(
             .await
             .with_context(|| format!("listing the tables of source {source_name}"))?;
         let pairs: Vec<_> = tables
+            .tables
             .into_iter()
             .map(|t| {
                 let target = bitclone9_core::TableId::new(

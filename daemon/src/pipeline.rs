@@ -44,7 +44,9 @@ impl PipelineError {
         match self {
             PipelineError::Source(_) => "postgres",
             PipelineError::Kafka(
-                SinkError::RegistryUnreachable { .. } | SinkError::SchemaRejected { .. },
+                SinkError::RegistryUnreachable { .. }
+                | SinkError::SchemaRejected { .. }
+                | SinkError::SchemaIncompatible { .. },
             ) => "schema_registry",
             PipelineError::Kafka(_) | PipelineError::Delivery(_) => "kafka",
             PipelineError::Checkpoint(_) => "checkpoint_store",
@@ -285,6 +287,7 @@ async fn run_once(
     };
     let mut source =
         PostgresSource::start(cfg.source.clone(), resume, &forget, &record_resync).await?;
+    status.set_left_out(&name, source.left_out());
     // New tables matching include are looked for between batches while streaming (never by
     // interrupting a batch); the next run adds and reads them.
     let check_every = cfg.source.new_table_check_interval;
@@ -428,10 +431,22 @@ async fn run_once(
         }
         if !check_every.is_zero() && checked_at.elapsed() >= check_every && !source.snapshotting() {
             checked_at = Instant::now();
-            let new = match source.unpublished_tables().await {
-                Ok(new) => new,
+            let changes = match source.catalog_changes().await {
+                Ok(c) => c,
                 Err(e) => break Err(e.into()),
             };
+            if !changes.dropped.is_empty() {
+                let names: Vec<String> = changes.dropped.iter().map(ToString::to_string).collect();
+                tracing::warn!(connector = %name, tables = %names.join(", "),
+                    "tables dropped at the source (no longer in the publication): their topics and target tables are kept");
+                metrics::counter!("bitclone9_source_tables_dropped_total", "connector" => name.clone())
+                    .increment(changes.dropped.len() as u64);
+                for t in &changes.dropped {
+                    status.note(&name, format!("table {t} was dropped at the source; its topic and target table are kept"));
+                }
+            }
+            status.set_left_out(&name, source.left_out());
+            let new = changes.new;
             if !new.is_empty() {
                 let names: Vec<String> = new.iter().map(ToString::to_string).collect();
                 tracing::info!(connector = %name, tables = %names.join(", "), "new tables match include: restarting to add and read them");

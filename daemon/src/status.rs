@@ -38,6 +38,13 @@ pub struct ConnectorStatus {
     /// For a sink: each partition's applied offset, end and lag (refreshed every 10 s).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink: Option<SinkProgress>,
+    /// For a source: tables include/exclude match that are not captured, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_out_tables: Vec<String>,
+    /// Events an operator should know of that did not stop the connector (e.g. a table dropped
+    /// at the source), newest last; the last 20 are kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     #[serde(skip)]
     alive_at: Instant,
     /// Times the connector came up (reached snapshotting or streaming): its supervisor tells by
@@ -90,6 +97,8 @@ impl Status {
                 detail: None,
                 idle_s: 0.0,
                 sink: None,
+                left_out_tables: Vec::new(),
+                notes: Vec::new(),
                 alive_at: Instant::now(),
                 ups: 0,
             });
@@ -152,6 +161,26 @@ impl Status {
     /// The pipeline made a step.
     pub fn touch(&self, name: &str) {
         self.update(name, |_| {});
+    }
+
+    /// Records a note for the operator (kept: the last 20).
+    pub fn note(&self, name: &str, note: String) {
+        self.update(name, |c| {
+            c.notes.push(note);
+            if c.notes.len() > 20 {
+                c.notes.remove(0);
+            }
+        });
+    }
+
+    /// The tables a source leaves out for want of a replica identity.
+    pub fn set_left_out(&self, name: &str, tables: &[bitclone9_core::TableId]) {
+        self.update(name, |c| {
+            c.left_out_tables = tables
+                .iter()
+                .map(|t| format!("{t}: no primary key or replica identity (add one, or set REPLICA IDENTITY FULL)"))
+                .collect();
+        });
     }
 
     pub fn sink_progress(&self, name: &str, progress: SinkProgress) {

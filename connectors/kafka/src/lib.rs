@@ -8,6 +8,7 @@
 
 pub mod decode;
 pub mod encode;
+pub mod registry;
 pub mod schema;
 pub mod security;
 
@@ -18,8 +19,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
-use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 pub use security::{
     KafkaContext, KafkaSecurity, RegistryAccess, RegistryAuth, SaslLogin, TlsFiles,
 };
@@ -28,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use rdkafka::producer::DeliveryFuture as Delivery;
+pub use registry::Registry;
 
 /// A failure on the Kafka side. [`SinkError::is_transient`] tells whether retrying may help.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,14 @@ pub enum SinkError {
     RegistryUnreachable { url: String, detail: String },
     #[error("the schema registry refused subject {subject}: {detail}")]
     SchemaRejected { subject: String, detail: String },
+    #[error("the new schema of table {table} breaks the {rule} compatibility rule of subject {subject} ({change}), so its events are not sent and the source waits here. Fix one of: make the change compatible (e.g. add the column instead of changing its type); let this subject take it once: PUT {{\"compatibility\": \"NONE\"}} to {registry}/config/{subject}, and set it back after the daemon moves on; or set on_incompatible_schema = \"new_version\" in this source's [topics] to register such changes as new versions by themselves (consumers then need the registry's writer schema)")]
+    SchemaIncompatible {
+        table: String,
+        subject: String,
+        rule: String,
+        change: String,
+        registry: String,
+    },
     #[error("cannot create topic {topic}: {detail}")]
     Topic { topic: String, detail: String },
     #[error("cannot produce to topic {topic}: {detail}")]
@@ -118,6 +126,19 @@ impl KafkaSettings {
     }
 }
 
+/// What a source does when the registry's compatibility rule refuses a table's new schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IncompatibleSchema {
+    /// Stop the source before the first event of the new shape, with an error naming the
+    /// subject, the change and the fix; the run is retried and goes on once the registry
+    /// takes the schema.
+    #[default]
+    Stop,
+    /// Register the schema as a new version anyway (the subject's rule is lifted for that one
+    /// registration), log it and count it: nothing stops.
+    NewVersion,
+}
+
 /// How the topics of one source are named and created.
 #[derive(Debug, Clone)]
 pub struct TopicSettings {
@@ -126,6 +147,7 @@ pub struct TopicSettings {
     pub replication_factor: i32,
     /// Topic configs such as `cleanup.policy`.
     pub config: Vec<(String, String)>,
+    pub on_incompatible_schema: IncompatibleSchema,
 }
 
 impl TopicSettings {
@@ -138,208 +160,6 @@ impl TopicSettings {
 
     pub fn topic_for(&self, table: &TableSchema) -> String {
         format!("{}.{}.{}", self.prefix, table.id.schema, table.id.name)
-    }
-}
-
-/// A Confluent-compatible schema registry.
-#[derive(Clone)]
-pub struct Registry {
-    settings: SrSettings,
-    url: String,
-    access: RegistryAccess,
-    timeout: Duration,
-}
-
-impl Registry {
-    /// A registry without login or TLS settings.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, SinkError> {
-        Self::with_access(url, &RegistryAccess::default(), timeout)
-    }
-
-    pub fn with_access(
-        url: &str,
-        access: &RegistryAccess,
-        timeout: Duration,
-    ) -> Result<Self, SinkError> {
-        let mut builder = SrSettings::new_builder(url.to_string());
-        builder.set_timeout(timeout).no_proxy();
-        match &access.auth {
-            RegistryAuth::None => {}
-            RegistryAuth::Basic { username, password } => {
-                builder.set_basic_authorization(username, Some(password));
-            }
-            RegistryAuth::Bearer(token) => {
-                builder.set_token_authorization(token);
-            }
-        }
-        let client = access
-            .client_builder()
-            .map_err(|e| SinkError::Config(e.to_string()))?;
-        let settings = builder
-            .build_with(client)
-            .map_err(|e| SinkError::Config(format!("schema registry {url}: {e}")))?;
-        Ok(Self {
-            settings,
-            url: url.to_string(),
-            access: access.clone(),
-            timeout,
-        })
-    }
-
-    /// Why a request to the registry fails, in full: the registry client reports only "error
-    /// sending request", so one plain request is made and its error chain (TLS, refused
-    /// connection) or its HTTP status (401, 403) is read.
-    async fn diagnose(&self) -> Option<String> {
-        let client = self
-            .access
-            .client_builder()
-            .ok()?
-            .timeout(self.timeout)
-            .no_proxy()
-            .build()
-            .ok()?;
-        let mut req = client.get(format!("{}/subjects", self.url.trim_end_matches('/')));
-        match &self.access.auth {
-            RegistryAuth::None => {}
-            RegistryAuth::Basic { username, password } => {
-                req = req.basic_auth(username, Some(password));
-            }
-            RegistryAuth::Bearer(token) => req = req.bearer_auth(token),
-        }
-        match req.send().await {
-            Ok(r) if r.status().is_success() => None,
-            Ok(r) => Some(format!(
-                "HTTP {}{}",
-                r.status(),
-                match r.status().as_u16() {
-                    401 => " (check kafka.schema_registry's username and password, or token)",
-                    403 => " (the registry user lacks permission)",
-                    _ => "",
-                }
-            )),
-            Err(e) => {
-                let mut chain = e.to_string();
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    chain.push_str(": ");
-                    chain.push_str(&c.to_string());
-                    cause = c.source();
-                }
-                if chain.contains("certificate verify failed") {
-                    chain.push_str(" (check the CA file of the registry's TLS settings)");
-                }
-                Some(chain)
-            }
-        }
-    }
-
-    /// Registers `schema` under `subject` (or finds it registered) and returns its id.
-    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, SinkError> {
-        let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_string());
-        match post_schema(&self.settings, subject.to_string(), supplied).await {
-            Ok(r) => Ok(r.id),
-            Err(e)
-                if e.retriable
-                    || e.error.contains("connect")
-                    || e.cause.as_deref().is_some_and(|c| c.contains("connect")) =>
-            {
-                Err(SinkError::RegistryUnreachable {
-                    url: self.url.clone(),
-                    detail: registry_detail(&e),
-                })
-            }
-            Err(e) => Err(SinkError::SchemaRejected {
-                subject: subject.to_string(),
-                detail: registry_detail(&e),
-            }),
-        }
-    }
-
-    /// Lists the subjects: proves the registry answers.
-    pub async fn ping(&self) -> Result<usize, SinkError> {
-        match schema_registry_converter::async_impl::schema_registry::get_all_subjects(
-            &self.settings,
-        )
-        .await
-        .map(|s| s.len())
-        {
-            Ok(n) => Ok(n),
-            Err(e) => Err(SinkError::RegistryUnreachable {
-                url: self.url.clone(),
-                detail: self.diagnose().await.unwrap_or_else(|| registry_detail(&e)),
-            }),
-        }
-    }
-
-    /// The id and text of the newest value schema registered for `topic`.
-    pub async fn latest_value_schema(
-        &self,
-        topic: &str,
-    ) -> Result<(u32, String), decode::DecodeError> {
-        use schema_registry_converter::schema_registry_common::SubjectNameStrategy;
-        let subject = SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
-        match schema_registry_converter::async_impl::schema_registry::get_schema_by_subject(
-            &self.settings,
-            &subject,
-        )
-        .await
-        {
-            Ok(s) => Ok((s.id, s.schema)),
-            Err(e)
-                if e.error.contains("404")
-                    || e.cause.as_deref().is_some_and(|c| c.contains("404")) =>
-            {
-                Err(decode::DecodeError::Unsupported {
-                    id: 0,
-                    why: format!(
-                        "no value schema is registered for topic {topic}: {}",
-                        registry_detail(&e)
-                    ),
-                })
-            }
-            Err(e) => Err(decode::DecodeError::RegistryUnreachable {
-                url: self.url.clone(),
-                detail: registry_detail(&e),
-            }),
-        }
-    }
-
-    /// The schema text registered under `id`.
-    pub async fn schema_by_id(&self, id: u32) -> Result<String, decode::DecodeError> {
-        match schema_registry_converter::async_impl::schema_registry::get_schema_by_id(
-            id,
-            &self.settings,
-        )
-        .await
-        {
-            Ok(s) => Ok(s.schema),
-            Err(e)
-                if e.error.contains("404")
-                    || e.cause
-                        .as_deref()
-                        .is_some_and(|c| c.contains("404") || c.contains("40403")) =>
-            {
-                Err(decode::DecodeError::UnknownSchema {
-                    id,
-                    detail: registry_detail(&e),
-                })
-            }
-            Err(e) => Err(decode::DecodeError::RegistryUnreachable {
-                url: self.url.clone(),
-                detail: registry_detail(&e),
-            }),
-        }
-    }
-
-    pub fn settings(&self) -> &SrSettings {
-        &self.settings
-    }
-}
-
-fn registry_detail(e: &schema_registry_converter::error::SRCError) -> String {
-    match &e.cause {
-        Some(c) => format!("{}: {c}", e.error),
-        None => e.error.clone(),
     }
 }
 
@@ -486,13 +306,15 @@ impl EventWriter {
             None => self.ensure_topic(&topic).await?,
         };
         let key_schema_id = match schema::key_schema(table, &topic) {
-            Some(s) => Some(self.registry.register(&format!("{topic}-key"), &s).await?),
+            Some(s) => Some(
+                self.register_checked(table, &format!("{topic}-key"), &s)
+                    .await?,
+            ),
             None => None,
         };
         let value = schema::value_schema(table, &topic)?;
         let value_schema_id = self
-            .registry
-            .register(&format!("{topic}-value"), &value)
+            .register_checked(table, &format!("{topic}-value"), &value)
             .await?;
         tracing::info!(table = %table.id, topic = %topic, key_schema_id, value_schema_id, "table prepared");
         self.targets.insert(
@@ -507,6 +329,58 @@ impl EventWriter {
             },
         );
         Ok(())
+    }
+
+    /// Registers a schema of `table` under `subject`, checking it against the subject's
+    /// compatibility rule first and applying [`IncompatibleSchema`] when it breaks it.
+    async fn register_checked(
+        &self,
+        table: &TableSchema,
+        subject: &str,
+        schema: &str,
+    ) -> Result<u32, SinkError> {
+        let blocked = metrics::gauge!("bitclone9_schema_incompatible",
+            "connector" => self.source.name.clone(), "subject" => subject.to_string());
+        if let Some(id) = self.registry.lookup(subject, schema).await? {
+            blocked.set(0.0);
+            return Ok(id);
+        }
+        if self.registry.is_compatible(subject, schema).await? {
+            let id = self.registry.register(subject, schema).await?;
+            blocked.set(0.0);
+            return Ok(id);
+        }
+        let change = match self.registry.latest(subject).await? {
+            Some(previous) => schema::describe_change(&previous, schema),
+            None => "a change the registry's rule refuses".to_string(),
+        };
+        let rule = self
+            .registry
+            .compatibility(subject)
+            .await?
+            .unwrap_or_else(|| "registry's".to_string());
+        match self.topics.on_incompatible_schema {
+            IncompatibleSchema::Stop => {
+                blocked.set(1.0);
+                Err(SinkError::SchemaIncompatible {
+                    table: table.id.to_string(),
+                    subject: subject.to_string(),
+                    rule,
+                    change,
+                    registry: self.registry.url().to_string(),
+                })
+            }
+            IncompatibleSchema::NewVersion => {
+                let id = self.registry.register_forced(subject, schema).await?;
+                blocked.set(0.0);
+                metrics::counter!("bitclone9_schema_forced_versions_total",
+                    "connector" => self.source.name.clone(), "subject" => subject.to_string())
+                .increment(1);
+                tracing::warn!(table = %table.id, subject, rule, change, schema_id = id,
+                    "registered a new schema version that breaks the subject's compatibility rule (on_incompatible_schema = \"new_version\")");
+                Ok(id)
+            }
+        }
     }
 
     /// Creates `topic` if it does not exist; returns its partition count.
@@ -697,8 +571,11 @@ impl EventWriter {
         let mut rec = FutureRecord::<[u8], [u8]>::to(&topic)
             .payload(&self.value_buf)
             .headers(headers);
-        if let Some(k) = key {
-            rec = rec.key(k);
+        match key {
+            Some(k) => rec = rec.key(k),
+            // Without a key, a table's events all go to partition 0, so they stay in commit
+            // order (a sink applies a keyless table's changes in order, row by row).
+            None => rec = rec.partition(0),
         }
         deliveries.push(enqueue(&self.producer, rec).await?);
         if let (Some(k), Some(h)) = (tombstone, tombstone_headers) {

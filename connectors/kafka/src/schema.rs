@@ -176,6 +176,85 @@ pub fn value_schema(table: &TableSchema, topic: &str) -> Result<String, Template
     Ok(envelope.to_string())
 }
 
+/// The column fields of a key or envelope schema: `(name, type)` in order. Envelope fields are
+/// those of its `Value` record (the `before` and `after` image).
+fn column_fields(schema: &str) -> Option<Vec<(String, Json)>> {
+    let parsed: Json = serde_json::from_str(schema).ok()?;
+    let fields = parsed["fields"].as_array()?;
+    let value = fields
+        .iter()
+        .find(|f| f["name"] == "before")
+        .and_then(|f| f["type"].get(1))
+        .and_then(|r| r["fields"].as_array());
+    Some(
+        value
+            .unwrap_or(fields)
+            .iter()
+            .filter_map(|f| Some((f["name"].as_str()?.to_string(), f["type"].clone())))
+            .collect(),
+    )
+}
+
+/// A short form of a field's type for messages: branches without `null`, logical types named.
+fn type_label(ty: &Json) -> String {
+    match ty {
+        Json::String(s) => s.clone(),
+        Json::Array(branches) => {
+            let shown: Vec<String> = branches
+                .iter()
+                .filter(|b| *b != "null")
+                .map(type_label)
+                .collect();
+            shown.join(" | ")
+        }
+        Json::Object(o) => match (o.get("logicalType"), o.get("type")) {
+            (Some(l), _) => l.as_str().unwrap_or("?").to_string(),
+            (None, Some(Json::String(t))) if t == "array" => {
+                format!(
+                    "array of {}",
+                    o.get("items").map(type_label).unwrap_or_default()
+                )
+            }
+            (None, Some(t)) => type_label(t),
+            _ => "?".to_string(),
+        },
+        _ => "?".to_string(),
+    }
+}
+
+/// What changed between two schemas of the same subject, column by column, e.g.
+/// `column "qty": int → string; column "note" removed`.
+pub fn describe_change(previous: &str, next: &str) -> String {
+    let (Some(old), Some(new)) = (column_fields(previous), column_fields(next)) else {
+        return "the record's shape changed".to_string();
+    };
+    let mut parts = Vec::new();
+    for (name, ty) in &old {
+        match new.iter().find(|(n, _)| n == name) {
+            None => parts.push(format!("column \"{name}\" removed")),
+            Some((_, t)) if t != ty => {
+                let (a, b) = (type_label(ty), type_label(t));
+                if a == b {
+                    parts.push(format!("column \"{name}\": {a}, with other type details"));
+                } else {
+                    parts.push(format!("column \"{name}\": {a} → {b}"));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, ty) in &new {
+        if !old.iter().any(|(n, _)| n == name) {
+            parts.push(format!("column \"{name}\" added as {}", type_label(ty)));
+        }
+    }
+    if parts.is_empty() {
+        "the record's other attributes changed".to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +314,36 @@ mod tests {
         assert!(value.contains("\"total_price\""));
         assert!(value.contains("\"total_price_2\""));
         assert!(value.contains("\"pg.name\":\"total price\""));
+    }
+
+    #[test]
+    fn a_change_is_described_column_by_column() {
+        let t = table();
+        let before = value_schema(&t, "demo.public.orders").expect("builds");
+        let mut changed = t.clone();
+        changed.columns[0].ty = ColumnType::Text;
+        changed.columns.remove(2);
+        changed.columns.push(Column {
+            name: "note".into(),
+            ty: ColumnType::Date,
+            pg_type: "date".into(),
+            type_oid: 0,
+            is_key: false,
+        });
+        let after = value_schema(&changed, "demo.public.orders").expect("builds");
+        assert_eq!(
+            describe_change(&before, &after),
+            "column \"id\": long → string; column \"total_price_2\" removed; column \"note\" added as date"
+        );
+        let key_before = key_schema(&t, "demo.public.orders").expect("has key");
+        let key_after = key_schema(&changed, "demo.public.orders").expect("has key");
+        assert_eq!(
+            describe_change(&key_before, &key_after),
+            "column \"id\": long → string"
+        );
+        assert_eq!(
+            describe_change(&before, &before),
+            "the record's other attributes changed"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! `bitclone9.sink_positions`), so the rows and the record of what was applied commit or vanish
 //! together: after a crash the sink starts from exactly what the target holds.
 
+mod keyless;
 pub mod text;
 
 use bitclone9_core::{Change, Column, Op, SnapshotMark, TableId, TableSchema, Value};
@@ -175,6 +176,8 @@ struct ShapeSql {
     upsert: String,
     partial: String,
     key: Vec<usize>,
+    /// For a table without a key: its changes are applied in order by full-row match.
+    keyless: Option<keyless::KeylessSql>,
 }
 
 /// A row's fate after a batch, per key.
@@ -357,11 +360,6 @@ impl PostgresTarget {
             detail,
         };
         let key: Vec<usize> = table.key_indexes().collect();
-        if key.is_empty() {
-            return Err(unusable(
-                "its events carry no key (the source table has no primary key or replica identity index), so changes cannot be matched to target rows: give the source table a primary key".into(),
-            ));
-        }
         if let Some(c) = table.columns.iter().find(|c| !plain_type(&c.pg_type)) {
             return Err(unusable(format!(
                 "column {} has the type {:?}, which is not a plain PostgreSQL type name: refusing to put it into DDL",
@@ -386,7 +384,13 @@ impl PostgresTarget {
                 ddl.push_str(&format!("{} {}, ", ident(&c.name), c.pg_type));
             }
             let keys: Vec<String> = key.iter().map(|i| ident(&table.columns[*i].name)).collect();
-            ddl.push_str(&format!("PRIMARY KEY ({}))", keys.join(", ")));
+            if keys.is_empty() {
+                // A table without a key stays without one (its rows may repeat).
+                ddl.truncate(ddl.len() - 2);
+                ddl.push(')');
+            } else {
+                ddl.push_str(&format!("PRIMARY KEY ({}))", keys.join(", ")));
+            }
             self.client
                 .batch_execute(&ddl)
                 .await
@@ -405,10 +409,26 @@ impl PostgresTarget {
                     .map_err(|e| self.ddl_error(&shown, table, e))?;
                 tracing::info!(table = %shown, column = %c.name, "added a column the events have");
             }
-            self.check_unique_key(&target, table, &key).await?;
+            if !key.is_empty() {
+                self.check_unique_key(&target, table, &key).await?;
+            }
         }
         let cols = self.existing_columns(&target).await?;
         self.columns.insert(target.clone(), cols);
+        if key.is_empty() {
+            let sql = Arc::new(ShapeSql {
+                stage: String::new(),
+                copy: String::new(),
+                delete: String::new(),
+                upsert: String::new(),
+                partial: String::new(),
+                key,
+                keyless: Some(keyless::KeylessSql::new(&name, table)),
+            });
+            self.prepared.push((target.clone(), fp));
+            self.shapes.insert((target, fp), sql.clone());
+            return Ok(sql);
+        }
 
         self.stages += 1;
         let stage = format!("bitclone9_stage_{}", self.stages);
@@ -479,6 +499,7 @@ impl PostgresTarget {
             ),
             stage: stage.clone(),
             key,
+            keyless: None,
         };
         let create_stage = format!(
             "CREATE TEMPORARY TABLE {stage} ON COMMIT DELETE ROWS AS SELECT {} FROM {name} WITH NO DATA;
@@ -671,6 +692,16 @@ impl PostgresTarget {
         target: &str,
         stats: &mut ApplyStats,
     ) -> Result<(), TargetError> {
+        if let Some(sql) = &shape.keyless {
+            let k = keyless::apply(&self.client, sql, table, changes, target).await?;
+            if k.missing > 0 {
+                stats.missing_rows += k.missing;
+                tracing::warn!(table = %target, missing = k.missing, "updates or deletes of a table without a key found no row equal to the old one in the target: the target lacks rows the source has; run bitclone9 verify");
+            }
+            stats.upserts += k.inserts + k.updates;
+            stats.deletes += k.deletes;
+            return Ok(());
+        }
         // Collapse per key: the last state of each row wins; unchanged TOAST values are taken
         // from an earlier state of the same batch when there is one, else kept in the target.
         let mut fates: HashMap<String, Fate> = HashMap::with_capacity(changes.len());

@@ -64,14 +64,33 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// The tables matched by `include` and not by `exclude` (patterns like `public.*`), with their
-/// replica identity checked: a table without one would make its own UPDATEs and DELETEs fail
-/// once published.
+/// The tables that `include` and not `exclude` match (patterns like `public.*`), split by
+/// whether their updates and deletes can be captured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Tables with a primary key, a replica identity index or REPLICA IDENTITY FULL.
+    pub tables: Vec<TableId>,
+    /// Tables without any (DEFAULT without a primary key, or NOTHING): once published, the
+    /// server refuses their own UPDATEs and DELETEs, so they are never published as they are.
+    pub without_identity: Vec<TableId>,
+}
+
+impl Selection {
+    /// The warning that names a table left out, and its fixes.
+    pub fn left_out_warning(table: &TableId) -> String {
+        format!(
+            "table {table} is left out: it has no primary key or replica identity, so publishing it would make the server refuse its UPDATEs and DELETEs; to capture it, add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL, or set replica_identity_full = true for this source",
+            quote_table(table)
+        )
+    }
+}
+
+/// The tables matched by `include` and not by `exclude`, with their replica identity checked.
 pub async fn select_tables(
     client: &Client,
     include: &[String],
     exclude: &[String],
-) -> Result<Vec<TableId>, SourceError> {
+) -> Result<Selection, SourceError> {
     let rows = client
         .query(
             "SELECT n.nspname, c.relname, c.relreplident::text,
@@ -86,7 +105,7 @@ pub async fn select_tables(
         )
         .await
         .map_err(q("listing tables"))?;
-    let mut tables = Vec::new();
+    let mut selection = Selection::default();
     for row in rows {
         let id = TableId::new(row.get::<_, String>(0), row.get::<_, String>(1));
         let full = id.to_string();
@@ -98,20 +117,38 @@ pub async fn select_tables(
         let replident: String = row.get(2);
         let has_identity_index: bool = row.get(3);
         if replident == "n" || (replident != "f" && !has_identity_index) {
-            return Err(SourceError::Misconfigured {
-                problem: format!("table {full} has no primary key or replica identity, so its updates and deletes cannot be captured"),
-                fix: format!("add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL; or exclude the table", quote_table(&id)),
-            });
+            selection.without_identity.push(id);
+        } else {
+            selection.tables.push(id);
         }
-        tables.push(id);
     }
-    if tables.is_empty() {
+    if selection.tables.is_empty() && selection.without_identity.is_empty() {
         return Err(SourceError::Misconfigured {
             problem: format!("no table matches include {include:?} (exclude {exclude:?})"),
             fix: "check the patterns: they are schema.table with * and ? wildcards".into(),
         });
     }
-    Ok(tables)
+    Ok(selection)
+}
+
+/// Sets REPLICA IDENTITY FULL on `table` (the opt-in `replica_identity_full`).
+pub async fn set_identity_full(client: &Client, table: &TableId) -> Result<(), SourceError> {
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL",
+            quote_table(table)
+        ))
+        .await
+        .map_err(|e| SourceError::Misconfigured {
+            problem: format!(
+                "cannot set REPLICA IDENTITY FULL on {table} (replica_identity_full = true): {}",
+                e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
+            ),
+            fix: format!(
+                "run ALTER TABLE {} REPLICA IDENTITY FULL as the table's owner, or give it a primary key",
+                quote_table(table)
+            ),
+        })
 }
 
 pub fn quote_ident(s: &str) -> String {
@@ -187,6 +224,23 @@ pub async fn add_to_publication(
         ))
         .await
         .map_err(q("adding new tables to the publication"))
+}
+
+/// Removes `tables` from the publication.
+pub async fn remove_from_publication(
+    client: &Client,
+    name: &str,
+    tables: &[TableId],
+) -> Result<(), SourceError> {
+    let list: Vec<String> = tables.iter().map(quote_table).collect();
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} DROP TABLE {}",
+            quote_ident(name),
+            list.join(", ")
+        ))
+        .await
+        .map_err(q("removing tables from the publication"))
 }
 
 /// The slot as `pg_replication_slots` shows it.

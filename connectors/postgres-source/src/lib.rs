@@ -152,8 +152,11 @@ pub struct PostgresSourceConfig {
     pub heartbeat_interval: Duration,
     /// How often the confirmed position is reported to the server.
     pub status_interval: Duration,
-    /// How often the pipeline asks [`PostgresSource::unpublished_tables`]; zero: never.
+    /// How often the pipeline asks [`PostgresSource::catalog_changes`]; zero: never.
     pub new_table_check_interval: Duration,
+    /// Set REPLICA IDENTITY FULL on matching tables that have no primary key or replica
+    /// identity, instead of leaving them out with a warning.
+    pub replica_identity_full: bool,
 }
 
 /// What the daemon remembers of this source between runs.
@@ -351,11 +354,17 @@ pub async fn connect_session(
 }
 
 /// Connects and checks that the server can serve this source; returns the tables it would
-/// capture. Changes nothing on the server.
-pub async fn check(cfg: &PostgresSourceConfig) -> Result<Vec<TableId>, SourceError> {
+/// capture (`tables`) and those it would leave out (`without_identity`). Changes nothing on
+/// the server.
+pub async fn check(cfg: &PostgresSourceConfig) -> Result<catalog::Selection, SourceError> {
     let sql = connect_sql(cfg).await?;
     catalog::check_server(&sql, &cfg.endpoint.user).await?;
-    catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await
+    let mut selection = catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await?;
+    if cfg.replica_identity_full {
+        selection.tables.append(&mut selection.without_identity);
+        selection.tables.sort();
+    }
+    Ok(selection)
 }
 
 /// The source's slot as the server sees it, or `None` when it does not exist.
@@ -403,6 +412,22 @@ pub struct PostgresSource {
     /// A slot created without a snapshot: announced as a finished (empty) snapshot first thing.
     announce_snapshot_done: Option<Lsn>,
     stream_started: bool,
+    /// Matching tables left out for want of a replica identity (warned about once each).
+    left_out: Vec<TableId>,
+    /// The publication's tables as last seen: one missing later was dropped (or taken out of
+    /// the publication by hand).
+    published: Vec<TableId>,
+}
+
+/// What a catalog check found since the last one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatalogChanges {
+    /// Tables that match include/exclude and are not published yet: the next run adds and
+    /// reads them.
+    pub new: Vec<TableId>,
+    /// Tables the publication held and no longer does: dropped at the source (PostgreSQL takes
+    /// a dropped table out of its publications) or removed from the publication by hand.
+    pub dropped: Vec<TableId>,
 }
 
 fn session_options() -> String {
@@ -421,25 +446,55 @@ fn now_us() -> i64 {
 }
 
 impl PostgresSource {
-    /// Tables that match `include`/`exclude` and are not in the publication (created since the
-    /// run started): the next run adds and reads them. A table that cannot be captured (no key)
-    /// is left out with a warning instead of stopping the source.
-    pub async fn unpublished_tables(&self) -> Result<Vec<TableId>, SourceError> {
-        let matching = match catalog::select_tables(&self.sql, &self.cfg.include, &self.cfg.exclude)
-            .await
+    /// Checks the catalog: tables that match `include`/`exclude` and are not in the publication
+    /// (created since the run started), which the next run adds and reads, and tables the
+    /// publication lost (dropped). A table that cannot be captured (no replica identity) is left
+    /// out with a warning instead of stopping the source.
+    pub async fn catalog_changes(&mut self) -> Result<CatalogChanges, SourceError> {
+        let published = catalog::published_tables(&self.sql, &self.cfg.publication).await?;
+        let dropped: Vec<TableId> = self
+            .published
+            .iter()
+            .filter(|t| !published.contains(t))
+            .cloned()
+            .collect();
+        self.published = published.clone();
+        let selection = match catalog::select_tables(
+            &self.sql,
+            &self.cfg.include,
+            &self.cfg.exclude,
+        )
+        .await
         {
-            Ok(t) => t,
+            Ok(s) => s,
             Err(SourceError::Misconfigured { problem, fix }) => {
                 tracing::warn!(source = %self.cfg.name, "not adding new tables: {problem}; to fix: {fix}");
-                return Ok(Vec::new());
+                catalog::Selection::default()
             }
             Err(e) => return Err(e),
         };
-        let published = catalog::published_tables(&self.sql, &self.cfg.publication).await?;
-        Ok(matching
+        let mut new: Vec<TableId> = selection
+            .tables
             .into_iter()
             .filter(|t| !published.contains(t))
-            .collect())
+            .collect();
+        for t in selection.without_identity {
+            if published.contains(&t) {
+                continue;
+            }
+            if self.cfg.replica_identity_full {
+                new.push(t);
+            } else if !self.left_out.contains(&t) {
+                tracing::warn!(source = %self.cfg.name, table = %t, "{}", catalog::Selection::left_out_warning(&t));
+                self.left_out.push(t);
+            }
+        }
+        Ok(CatalogChanges { new, dropped })
+    }
+
+    /// Tables that match include/exclude but are left out for want of a replica identity.
+    pub fn left_out(&self) -> &[TableId] {
+        &self.left_out
     }
 
     /// Connects, checks the server, makes sure the publication and slot exist, and prepares the
@@ -464,8 +519,49 @@ impl PostgresSource {
         );
         let sql = connect_sql(&cfg).await?;
         catalog::check_server(&sql, &cfg.endpoint.user).await?;
-        let tables = catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await?;
+        let selection = catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await?;
+        let mut tables = selection.tables;
+        let mut left_out = Vec::new();
+        for t in selection.without_identity {
+            if cfg.replica_identity_full {
+                catalog::set_identity_full(&sql, &t).await?;
+                tracing::info!(source = %cfg.name, table = %t, "set REPLICA IDENTITY FULL (replica_identity_full = true): the table has no primary key");
+                tables.push(t);
+            } else {
+                tracing::warn!(source = %cfg.name, table = %t, "{}", catalog::Selection::left_out_warning(&t));
+                left_out.push(t);
+            }
+        }
+        metrics::gauge!("bitclone9_source_tables_left_out", "connector" => cfg.name.clone())
+            .set(left_out.len() as f64);
+        if tables.is_empty() {
+            return Err(SourceError::Misconfigured {
+                problem: format!(
+                    "every table that include/exclude match lacks a primary key or replica identity: {}",
+                    left_out.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                ),
+                fix: "give them primary keys, or set REPLICA IDENTITY FULL on them (replica_identity_full = true does it)".into(),
+            });
+        }
         let mut published = catalog::ensure_publication(&sql, &cfg.publication, &tables).await?;
+        let unmatched: Vec<TableId> = published
+            .iter()
+            .filter(|t| !tables.contains(t) && !left_out.contains(t))
+            .cloned()
+            .collect();
+        if !unmatched.is_empty() {
+            // include/exclude changed: stop capturing those tables.
+            let names: Vec<String> = unmatched.iter().map(ToString::to_string).collect();
+            match catalog::remove_from_publication(&sql, &cfg.publication, &unmatched).await {
+                Ok(()) => {
+                    tracing::info!(source = %cfg.name, tables = %names.join(", "),
+                        "tables no longer matching include/exclude removed from the publication");
+                    published.retain(|t| !unmatched.contains(t));
+                }
+                Err(e) => tracing::warn!(source = %cfg.name, tables = %names.join(", "),
+                    "tables no longer match include/exclude but stay captured: {e}"),
+            }
+        }
         let new: Vec<TableId> = tables
             .iter()
             .filter(|t| !published.contains(t))
@@ -630,6 +726,8 @@ impl PostgresSource {
             heartbeat,
             announce_snapshot_done,
             stream_started: false,
+            left_out,
+            published,
         };
         if matches!(source.phase, Phase::Streaming) {
             source.start_stream().await?;

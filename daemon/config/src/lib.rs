@@ -279,6 +279,10 @@ pub struct SourceConfig {
     /// the publication and read while streaming goes on); "0s" checks only at start.
     #[serde(default = "default_new_table_check", with = "humantime_serde")]
     pub new_table_check_interval: Duration,
+    /// Set REPLICA IDENTITY FULL on matching tables without a primary key or replica identity
+    /// (they are left out with a warning otherwise).
+    #[serde(default)]
+    pub replica_identity_full: bool,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Topics are `<topic_prefix>.<schema>.<table>`; default the source name.
@@ -319,6 +323,20 @@ pub struct TopicConfig {
     /// Other topic configs for created topics (e.g. `"retention.ms" = "604800000"`).
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// What to do when the registry's compatibility rule refuses a table's new schema.
+    #[serde(default)]
+    pub on_incompatible_schema: IncompatibleSchemaSetting,
+}
+
+/// `on_incompatible_schema`: `"stop"` (the default) or `"new_version"`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IncompatibleSchemaSetting {
+    /// Stop the source with an error naming the subject, the change and the fix.
+    #[default]
+    Stop,
+    /// Register the schema as a new version although it breaks the subject's rule.
+    NewVersion,
 }
 
 impl Default for TopicConfig {
@@ -328,6 +346,7 @@ impl Default for TopicConfig {
             replication_factor: 1,
             cleanup_policy: default_cleanup(),
             config: BTreeMap::new(),
+            on_incompatible_schema: IncompatibleSchemaSetting::Stop,
         }
     }
 }

@@ -2,6 +2,8 @@
 //! registry. Nothing is mocked. A missing service fails the test with a message saying so.
 #![allow(dead_code)]
 
+pub mod clone;
+
 use apache_avro::types::Value as Avro;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;

@@ -1,0 +1,302 @@
+//! Schema and table changes at the source on the real stack: what the registry's compatibility
+//! rule does to a change it refuses, under each `on_incompatible_schema` setting; tables
+//! dropped at the source, and tables the config stops matching.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+/// A request to the registry's Confluent API; returns the body.
+fn registry(method: &str, path: &str, body: Option<&str>) -> String {
+    let url = format!("{}/{path}", stack().registry_url.trim_end_matches('/'));
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "-X", method, &url]);
+    cmd.args(["-H", "Content-Type: application/vnd.schemaregistry.v1+json"]);
+    if let Some(b) = body {
+        cmd.args(["-d", b]);
+    }
+    let out = cmd.output().expect("curl runs");
+    assert!(out.status.success(), "curl {method} {url}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `qty` values of the events of `topic` with key `id`.
+fn qty_of(records: &[Record], id: i64) -> Vec<String> {
+    records
+        .iter()
+        .filter(|r| r.key_long("id") == Some(id))
+        .filter_map(|r| r.row("after"))
+        .map(|row| format!("{:?}", row.get("qty")))
+        .collect()
+}
+
+async fn metric(addr: &str, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics", None).await;
+    parse_prometheus(&body)
+        .into_iter()
+        .find(|(k, _)| k.starts_with(name))
+        .map(|(_, v)| v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_type_change_stops_the_source_with_the_fix_and_it_goes_on_once_allowed() {
+    let (db, client) = db_with(
+        "incompat",
+        "CREATE TABLE t (id bigint PRIMARY KEY, qty integer);
+         INSERT INTO t SELECT g, g FROM generate_series(1, 10) g",
+    )
+    .await;
+    let spec = SourceSpec::new(&db);
+    let topic = spec.topic("t");
+    let subject = format!("{topic}-value");
+    let (cfg, _dir) = write_config(&spec, "");
+    let mut daemon = Daemon::start_streaming(&cfg, "incompat").await;
+    let addr = admin_addr(&mut daemon).await;
+    let got = consume(&topic, 10, Duration::from_secs(1), Duration::from_secs(60)).await;
+    assert!(got.len() >= 10, "snapshot rows: {}", got.len());
+
+    // integer → text breaks BACKWARD (the stack's rule): a reader of string cannot read int.
+    client
+        .batch_execute(
+            "ALTER TABLE t ALTER COLUMN qty TYPE text;
+             INSERT INTO t VALUES (100, 'a hundred')",
+        )
+        .await
+        .expect("alter");
+    let lsn_after = current_lsn(&admin_in(&db).await).await;
+    daemon
+        .wait_log(
+            "breaks the BACKWARD compatibility rule of subject",
+            Duration::from_secs(60),
+        )
+        .await;
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("breaks the BACKWARD compatibility rule"))
+        .expect("the error line");
+    for part in [
+        "table public.t",
+        subject.as_str(),
+        r#"column \"qty\": int → string"#,
+        "on_incompatible_schema",
+        "/config/",
+    ] {
+        assert!(
+            line.contains(part) || line.contains(&part.replace("\\\"", "\"")),
+            "the error names {part}: {line}"
+        );
+    }
+    let (_, status) = http_get(&addr, "/status", None).await;
+    assert!(
+        status.contains(&subject) && status.contains("compatibility rule"),
+        "/status says why: {status}"
+    );
+    assert_eq!(
+        metric(
+            &addr,
+            &format!("bitclone9_schema_incompatible{{connector=\"{db}\",subject=\"{subject}\"}}")
+        )
+        .await,
+        Some(1.0),
+        "the gauge is up while stopped"
+    );
+    // Nothing of the new shape went out, and the slot was not confirmed past it.
+    let now = consume(&topic, 11, Duration::from_secs(1), Duration::from_secs(5)).await;
+    assert!(qty_of(&now, 100).is_empty(), "no event of the new shape");
+    let confirmed = confirmed_flush(&admin_in(&db).await, &db)
+        .await
+        .unwrap_or(0);
+    assert!(
+        confirmed < lsn_after,
+        "slot confirmed {confirmed} past the change at {lsn_after}"
+    );
+
+    // The operator lets the subject take it; the source goes on by itself.
+    registry(
+        "PUT",
+        &format!("config/{subject}"),
+        Some(r#"{"compatibility":"NONE"}"#),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = consume(&topic, 11, Duration::from_secs(1), Duration::from_secs(10)).await;
+        let q = qty_of(&now, 100);
+        if !q.is_empty() {
+            assert_eq!(q, vec![r#"Some(String("a hundred"))"#.to_string()]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source did not go on: {}",
+            daemon.log_text()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(
+        &addr,
+        &format!("bitclone9_schema_incompatible{{connector=\"{db}\",subject=\"{subject}\"}}"),
+    )
+    .await
+        != Some(0.0)
+    {
+        assert!(Instant::now() < deadline, "the gauge stays up");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(daemon);
+    cleanup(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_version_setting_registers_an_incompatible_change_and_nothing_stops() {
+    let (db, client) = db_with(
+        "newver",
+        "CREATE TABLE t (id bigint PRIMARY KEY, qty integer);
+         INSERT INTO t VALUES (1, 1)",
+    )
+    .await;
+    let mut spec = SourceSpec::new(&db);
+    spec.extra = "[sources.X.topics]\non_incompatible_schema = \"new_version\"\n".replace("X", &db);
+    let topic = spec.topic("t");
+    let subject = format!("{topic}-value");
+    let (cfg, _dir) = write_config(&spec, "");
+    let mut daemon = Daemon::start_streaming(&cfg, "newver").await;
+    let addr = admin_addr(&mut daemon).await;
+    consume(&topic, 1, Duration::from_secs(1), Duration::from_secs(60)).await;
+    client
+        .batch_execute(
+            "ALTER TABLE t ALTER COLUMN qty TYPE text;
+             INSERT INTO t VALUES (2, 'two')",
+        )
+        .await
+        .expect("alter");
+    let got = consume(&topic, 2, Duration::from_secs(1), Duration::from_secs(60)).await;
+    assert_eq!(qty_of(&got, 2), vec![r#"Some(String("two"))"#.to_string()]);
+    assert_eq!(qty_of(&got, 1), vec!["Some(Int(1))".to_string()]);
+    assert!(
+        daemon
+            .log_text()
+            .contains("breaks the subject's compatibility rule"),
+        "the forced version is logged"
+    );
+    assert_eq!(
+        metric(&addr, &format!("bitclone9_schema_forced_versions_total{{connector=\"{db}\",subject=\"{subject}\"}}")).await,
+        Some(1.0)
+    );
+    // The subject's rule is back as it was, and it holds two versions.
+    let config = registry(
+        "GET",
+        &format!("config/{subject}?defaultToGlobal=true"),
+        None,
+    );
+    assert!(
+        config.contains("BACKWARD"),
+        "subject rule put back: {config}"
+    );
+    let versions = registry("GET", &format!("subjects/{subject}/versions"), None);
+    assert_eq!(versions.trim(), "[1,2]", "versions of {subject}");
+    drop(daemon);
+    cleanup(&db).await;
+}
+
+async fn publication_tables(db: &str) -> Vec<String> {
+    admin_in(db)
+        .await
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[&format!("bitclone9_{db}")],
+        )
+        .await
+        .expect("publication tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_table_is_reported_and_a_table_the_config_no_longer_matches_leaves_the_publication(
+) {
+    let (db, client) = db_with(
+        "dropped",
+        "CREATE TABLE keep (id bigint PRIMARY KEY, v text);
+         CREATE TABLE gone (id bigint PRIMARY KEY, v text);
+         CREATE TABLE later_excluded (id bigint PRIMARY KEY, v text);
+         INSERT INTO gone VALUES (1, 'x')",
+    )
+    .await;
+    let mut spec = SourceSpec::new(&db);
+    spec.extra = "new_table_check_interval = \"1s\"\n".into();
+    let (cfg, _dir) = write_config(&spec, "");
+    let mut daemon = Daemon::start_streaming(&cfg, "dropped").await;
+    let addr = admin_addr(&mut daemon).await;
+    assert_eq!(
+        publication_tables(&db).await,
+        ["gone", "keep", "later_excluded"]
+    );
+
+    client.batch_execute("DROP TABLE gone").await.expect("drop");
+    daemon
+        .wait_log("tables dropped at the source", Duration::from_secs(30))
+        .await;
+    assert!(
+        daemon.log_text().contains("public.gone"),
+        "the log names the table"
+    );
+    let (_, status) = http_get(&addr, "/status", None).await;
+    assert!(
+        status.contains("table public.gone was dropped at the source"),
+        "/status notes it: {status}"
+    );
+    assert_eq!(
+        metric(
+            &addr,
+            &format!("bitclone9_source_tables_dropped_total{{connector=\"{db}\"}}")
+        )
+        .await,
+        Some(1.0)
+    );
+    // The others keep flowing.
+    client
+        .batch_execute("INSERT INTO keep VALUES (1, 'after the drop')")
+        .await
+        .expect("insert");
+    let got = consume(
+        &spec.topic("keep"),
+        1,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        got.iter()
+            .filter(|r| r.op().as_deref() == Some("c"))
+            .count(),
+        1,
+        "keep still streams"
+    );
+    assert!(daemon.is_running());
+
+    // The config stops matching a table and is reloaded (SIGHUP): the source's new run takes it
+    // out of the publication, so the server stops decoding its changes for this slot.
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        text.replacen(
+            "new_table_check_interval",
+            "exclude = [\"public.later_excluded\"]\nnew_table_check_interval",
+            1,
+        ),
+    )
+    .expect("config");
+    send_signal("-HUP", daemon.child.id());
+    daemon
+        .wait_log(
+            "tables no longer matching include/exclude removed from the publication",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(publication_tables(&db).await, ["keep"]);
+    daemon.terminate();
+    cleanup(&db).await;
+}
