@@ -69,6 +69,10 @@ pub fn sink_settings(name: &str, cfg: &Config) -> Option<sink::SinkPipelineConfi
             endpoint: pg_endpoint(k.connection()),
             create_tables: k.create_tables,
             schema: k.target_schema.clone(),
+            on_column_drop: match k.on_column_drop {
+                config::ColumnDropSetting::Keep => bitclone9_postgres_sink::ColumnDrop::Keep,
+                config::ColumnDropSetting::Drop => bitclone9_postgres_sink::ColumnDrop::Drop,
+            },
         },
         on_error: match k.on_error {
             OnError::DeadLetter => sink::PoisonPolicy::DeadLetter,

@@ -300,3 +300,170 @@ async fn a_dropped_table_is_reported_and_a_table_the_config_no_longer_matches_le
     daemon.terminate();
     cleanup(&db).await;
 }
+
+async fn read_rows(c: &tokio_postgres::Client, query: &str) -> Vec<String> {
+    match c
+        .query(&format!("SELECT q::text FROM ({query}) q"), &[])
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
+        Err(e) => vec![format!("error: {e}")],
+    }
+}
+
+/// Waits until `query` reads the same in the source and the target of `cl`.
+async fn wait_same(cl: &common::clone::Clone, query: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (a, b) = (
+            read_rows(&cl.src, query).await,
+            read_rows(&cl.dst, query).await,
+        );
+        if a == b {
+            return;
+        }
+        if Instant::now() > deadline {
+            let first = a.iter().zip(&b).find(|(x, y)| x != y);
+            panic!(
+                "{query}: source and target differ after {timeout:?} ({} vs {} rows), first: {first:?}",
+                a.len(),
+                b.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn column_types(c: &tokio_postgres::Client, table: &str) -> Vec<(String, String, bool)> {
+    c.query(
+        "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
+          WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attname",
+        &[&table],
+    )
+    .await
+    .expect("columns")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_renamed_retyped_and_dropped_at_the_source_are_followed_in_the_target() {
+    let cl = common::clone::Clone::with_partitions(
+        "skddl",
+        "CREATE TABLE t (id int PRIMARY KEY, a text, n integer, gone text NOT NULL DEFAULT 'g', big integer);
+         INSERT INTO t SELECT g, 'a' || g, g, 'gone' || g, g FROM generate_series(1, 200) g",
+        "",
+        "",
+        2,
+    )
+    .await;
+    // integer → text breaks the registry's BACKWARD rule: let it through as a new version.
+    let text = std::fs::read_to_string(&cl.config).expect("config");
+    std::fs::write(
+        &cl.config,
+        text.replacen(
+            "partitions = 2\n",
+            "partitions = 2\non_incompatible_schema = \"new_version\"\n",
+            1,
+        ),
+    )
+    .expect("config");
+    let mut daemon = Daemon::start(&cl.config, "ddl");
+    let all = "SELECT id, a, n, gone, big FROM t ORDER BY id";
+    wait_same(&cl, all, Duration::from_secs(90)).await;
+
+    // Each change is followed at once by writes of the new shape, while the other partition
+    // may still hold events of the old one.
+    cl.src
+        .batch_execute(
+            "ALTER TABLE t RENAME COLUMN a TO a2;
+             UPDATE t SET a2 = a2 || '!' WHERE id % 3 = 0;
+             INSERT INTO t (id, a2, n, gone, big) VALUES (201, 'new', 201, 'x', 201);
+             ALTER TABLE t ALTER COLUMN n TYPE bigint;
+             UPDATE t SET n = 3000000000 + id WHERE id <= 10;
+             ALTER TABLE t DROP COLUMN gone;
+             INSERT INTO t (id, a2, n, big) VALUES (202, 'after drop', 1, 202);
+             UPDATE t SET a2 = 'changed after drop' WHERE id = 7;
+             ALTER TABLE t ALTER COLUMN big TYPE text;
+             UPDATE t SET big = 'word' WHERE id = 5;
+             INSERT INTO t (id, a2, n, big) VALUES (203, 'last', 2, 'text now');",
+        )
+        .await
+        .expect("ddl");
+    wait_same(
+        &cl,
+        "SELECT id, a2, n, big FROM t ORDER BY id",
+        Duration::from_secs(90),
+    )
+    .await;
+    let target = column_types(&cl.dst, "t").await;
+    assert_eq!(
+        target,
+        vec![
+            ("a2".to_string(), "text".to_string(), false),
+            ("big".to_string(), "text".to_string(), false),
+            ("gone".to_string(), "text".to_string(), false),
+            ("id".to_string(), "integer".to_string(), true),
+            ("n".to_string(), "bigint".to_string(), false),
+        ],
+        "renamed (not added), retyped, and the dropped column kept and nullable"
+    );
+    let kept: Vec<(i32, Option<String>)> = cl
+        .dst
+        .query(
+            "SELECT id, gone FROM t WHERE id IN (1, 201, 202) ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("kept column")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![
+            (1, Some("gone1".into())),
+            (201, Some("x".into())),
+            (202, None)
+        ],
+        "the dropped column keeps its values; rows written after the drop have none"
+    );
+    assert!(
+        !daemon.log_text().contains("dead letter"),
+        "nothing was dead-lettered"
+    );
+    assert!(daemon
+        .log_text()
+        .contains("followed a column change of the source"));
+    let _ = admin_addr(&mut daemon).await;
+    drop(daemon);
+    cl.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_column_drop_drop_removes_the_target_column() {
+    let cl = common::clone::Clone::new(
+        "skdropcol",
+        "CREATE TABLE t (id int PRIMARY KEY, a text, gone text);
+         INSERT INTO t SELECT g, 'a' || g, 'g' FROM generate_series(1, 20) g",
+        "",
+        "on_column_drop = \"drop\"",
+    )
+    .await;
+    let daemon = Daemon::start(&cl.config, "dropcol");
+    wait_same(&cl, "SELECT * FROM t ORDER BY id", Duration::from_secs(90)).await;
+    cl.src
+        .batch_execute("ALTER TABLE t DROP COLUMN gone; INSERT INTO t VALUES (21, 'after')")
+        .await
+        .expect("drop column");
+    wait_same(&cl, "SELECT * FROM t ORDER BY id", Duration::from_secs(90)).await;
+    let names: Vec<String> = column_types(&cl.dst, "t")
+        .await
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(names, ["a", "id"]);
+    drop(daemon);
+    cl.cleanup().await;
+}

@@ -29,6 +29,7 @@ fn table() -> TableSchema {
         pg_type: "t".into(),
         type_oid: 0,
         is_key: key,
+        attnum: None,
     };
     let dec = ColumnType::Decimal {
         precision: 10,

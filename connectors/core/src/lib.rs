@@ -106,6 +106,9 @@ pub struct Column {
     pub type_oid: u32,
     /// Part of the primary key (or, without one, of the replica identity index).
     pub is_key: bool,
+    /// The source's number of the column (PostgreSQL `attnum`): it stays when the column is
+    /// renamed or retyped, so a sink tells a rename from a drop and an add. `None` when unknown.
+    pub attnum: Option<i16>,
 }
 
 /// A table's columns as the source saw them at a point of the WAL.
@@ -245,6 +248,7 @@ mod tests {
             pg_type: "integer".into(),
             type_oid: 23,
             is_key: false,
+            attnum: None,
         };
         let a = TableSchema {
             id: TableId::new("public", "t"),

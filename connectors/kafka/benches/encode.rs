@@ -16,6 +16,7 @@ fn orders_change() -> Change {
         pg_type: "t".into(),
         type_oid: 0,
         is_key,
+        attnum: None,
     };
     let table = Arc::new(TableSchema {
         id: TableId::new("public", "orders"),

@@ -443,6 +443,10 @@ fn columns_of(record: &Json) -> Result<Vec<(String, Column)>, String> {
                 pg_type: pg_type.to_string(),
                 type_oid: 0,
                 is_key: false,
+                attnum: f
+                    .get("pg.attnum")
+                    .and_then(Json::as_i64)
+                    .and_then(|n| i16::try_from(n).ok()),
             },
         ));
     }
@@ -928,6 +932,7 @@ mod tests {
             pg_type: pg.into(),
             type_oid: 0,
             is_key: key,
+            attnum: None,
         };
         Arc::new(TableSchema {
             id: TableId::new("public", "items"),
@@ -1075,6 +1080,7 @@ mod tests {
             pg_type: "t".into(),
             type_oid: 0,
             is_key: key,
+            attnum: None,
         };
         let t = Arc::new(TableSchema {
             id: TableId::new("public", "odd"),

@@ -249,6 +249,7 @@ mod tests {
             pg_type: "t".into(),
             type_oid: 0,
             is_key: key,
+            attnum: None,
         }
     }
 

@@ -117,6 +117,10 @@ fn field(name: &str, column: &bitclone9_core::Column, optional: bool) -> Json {
     }
     // What a sink needs to recreate the column exactly.
     f.insert("pg.type".into(), json!(column.pg_type));
+    // What a sink needs to follow a rename or a type change as such.
+    if let Some(n) = column.attnum {
+        f.insert("pg.attnum".into(), json!(n));
+    }
     if name != column.name {
         f.insert("pg.name".into(), json!(column.name));
     }
@@ -267,6 +271,7 @@ mod tests {
             pg_type: "t".into(),
             type_oid: 0,
             is_key: key,
+            attnum: None,
         };
         TableSchema {
             id: TableId::new("public", "orders"),
@@ -329,6 +334,7 @@ mod tests {
             pg_type: "date".into(),
             type_oid: 0,
             is_key: false,
+            attnum: None,
         });
         let after = value_schema(&changed, "demo.public.orders").expect("builds");
         assert_eq!(

@@ -129,6 +129,7 @@ fn table() -> impl Strategy<Value = TableSchema> {
                     pg_type: "t".into(),
                     type_oid: 0,
                     is_key: i < keys,
+                    attnum: i16::try_from(i + 1).ok(),
                 })
                 .collect(),
         }
@@ -232,5 +233,8 @@ proptest! {
         let keys: Vec<bool> = got.table.columns.iter().map(|c| c.is_key).collect();
         let want: Vec<bool> = change.table.columns.iter().map(|c| c.is_key).collect();
         prop_assert_eq!(keys, want);
+        let attnums: Vec<Option<i16>> = got.table.columns.iter().map(|c| c.attnum).collect();
+        let want: Vec<Option<i16>> = change.table.columns.iter().map(|c| c.attnum).collect();
+        prop_assert_eq!(attnums, want, "column numbers travel in pg.attnum");
     }
 }

@@ -10,8 +10,11 @@
 //! `bitclone9.sink_positions`), so the rows and the record of what was applied commit or vanish
 //! together: after a crash the sink starts from exactly what the target holds.
 
+mod columns;
 mod keyless;
 pub mod text;
+
+pub use columns::ColumnDrop;
 
 use bitclone9_core::{Change, Column, Op, SnapshotMark, TableId, TableSchema, Value};
 use bitclone9_postgres_source::{connect_session, PgEndpoint};
@@ -33,6 +36,10 @@ pub enum TargetError {
     },
     #[error("target table {table}: {detail}")]
     Unusable { table: String, detail: String },
+    /// A column change of the source the target cannot follow by itself: the sink waits
+    /// (retrying) until an operator makes it.
+    #[error("target table {table}: {detail}")]
+    SchemaChange { table: String, detail: String },
     #[error("target: {0}")]
     Other(String),
 }
@@ -49,7 +56,9 @@ impl TargetError {
                     .any(|c| sqlstate.starts_with(c))
             }
             TargetError::Unusable { .. } => true,
-            TargetError::Unreachable(_) | TargetError::Other(_) => false,
+            TargetError::SchemaChange { .. }
+            | TargetError::Unreachable(_)
+            | TargetError::Other(_) => false,
         }
     }
 
@@ -58,6 +67,7 @@ impl TargetError {
         match self {
             TargetError::Refused { sqlstate, .. } => sqlstate,
             TargetError::Unusable { .. } => "unusable_table",
+            TargetError::SchemaChange { .. } => "schema_change",
             TargetError::Unreachable(_) => "unreachable",
             TargetError::Other(_) => "other",
         }
@@ -94,6 +104,8 @@ pub struct PostgresTargetConfig {
     pub create_tables: bool,
     /// Put every table into this schema instead of its source schema.
     pub schema: Option<String>,
+    /// What a source column's drop does to its target column.
+    pub on_column_drop: ColumnDrop,
 }
 
 /// What the sink has applied from one partition: its Kafka offset and the source position of
@@ -209,6 +221,9 @@ pub struct PostgresTarget {
     /// Shapes prepared in the open transaction: their tables, columns and staging tables vanish
     /// with a rollback, so they are forgotten with it.
     prepared: Vec<(TableId, u64)>,
+    /// Source columns of each target table by attnum (`bitclone9.source_columns`), as loaded
+    /// or changed in the open transaction; forgotten with a rollback.
+    column_maps: HashMap<TableId, columns::ColumnMap>,
 }
 
 const POSITIONS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS bitclone9;
@@ -236,6 +251,7 @@ impl PostgresTarget {
             stages: 0,
             dirty: Vec::new(),
             prepared: Vec::new(),
+            column_maps: HashMap::new(),
         })
     }
 
@@ -267,6 +283,8 @@ impl PostgresTarget {
     pub async fn rollback(&mut self) {
         self.dirty.clear();
         self.forget_prepared(0);
+        self.column_maps.clear();
+        self.columns.clear();
         let _ = self.simple("ROLLBACK").await;
     }
 
@@ -343,6 +361,52 @@ impl PostgresTarget {
             .await
             .map_err(|e| db_error("bitclone9.sink_positions", e))?;
         Ok(())
+    }
+
+    /// Follows the source's column changes (by attnum) for events of `table`'s shape seen up to
+    /// `at`: renames, retypes, adds or drops target columns when the shape is current, and says
+    /// how to write the events (an older shape is written to the columns it became).
+    async fn follow_columns(
+        &mut self,
+        table: &TableSchema,
+        at: Watermark,
+    ) -> Result<columns::View, TargetError> {
+        let identity = || columns::View {
+            schema: table.clone(),
+            keep: None,
+        };
+        // Events without column numbers (written by an older BitClone9) are followed by name.
+        if table.columns.iter().all(|c| c.attnum.is_none()) {
+            return Ok(identity());
+        }
+        let target = self.target_of(&table.id);
+        let map = match self.column_maps.get(&target) {
+            Some(m) => m.clone(),
+            None => columns::load(&self.client, &target).await?,
+        };
+        let existing = match self.columns.get(&target) {
+            Some(c) => c.clone(),
+            None => self.existing_columns(&target).await?,
+        };
+        // A table not created yet is created from this shape: every column is there then.
+        let names: Vec<String> = if existing.is_empty() {
+            table.columns.iter().map(|c| c.name.clone()).collect()
+        } else {
+            existing
+        };
+        let plan = columns::plan(table, at, &map, &names, self.cfg.on_column_drop);
+        if !plan.steps.is_empty() {
+            columns::apply_steps(&self.client, &target, &plan.steps).await?;
+            // Statements and staging tables of this table name columns as they were.
+            self.shapes.retain(|(t, _), _| *t != target);
+            self.columns.remove(&target);
+        }
+        if plan.map != map {
+            columns::store(&self.client, &target, &map, &plan.map).await?;
+        }
+        let view = columns::view(table, &plan.written);
+        self.column_maps.insert(target, plan.map);
+        Ok(view)
     }
 
     /// Creates the target table when missing (and allowed), adds columns the events have and
@@ -639,6 +703,8 @@ impl PostgresTarget {
                 self.simple("ROLLBACK TO SAVEPOINT bitclone9_one").await?;
                 self.dirty = dirty;
                 self.forget_prepared(prepared);
+                self.column_maps.clear();
+                self.columns.clear();
                 Err(e)
             }
         }
@@ -676,10 +742,44 @@ impl PostgresTarget {
         }
         for table in order {
             let group = &groups[&table.id];
-            let shape = self.shape(table).await?;
+            let at = group
+                .iter()
+                .map(|c| Watermark::of(c))
+                .max()
+                .unwrap_or_default();
+            let view = self.follow_columns(table, at).await?;
             let target = self.target_of(&table.id).to_string();
-            self.write_table(&shape, table, group, &target, stats)
-                .await?;
+            match view.keep {
+                None => {
+                    let shape = self.shape(table).await?;
+                    self.write_table(&shape, table, group, &target, stats)
+                        .await?;
+                }
+                // Events of an older shape: their values go to the columns they became.
+                Some(keep) => {
+                    let schema = Arc::new(view.schema);
+                    let pick = |row: &Option<Vec<Value>>| {
+                        row.as_ref()
+                            .map(|r| keep.iter().map(|i| r[*i].clone()).collect::<Vec<_>>())
+                    };
+                    let projected: Vec<Change> = group
+                        .iter()
+                        .map(|c| Change {
+                            table: schema.clone(),
+                            op: c.op,
+                            before: pick(&c.before),
+                            after: pick(&c.after),
+                            tx: c.tx,
+                            seq: c.seq,
+                            snapshot: c.snapshot,
+                        })
+                        .collect();
+                    let refs: Vec<&Change> = projected.iter().collect();
+                    let shape = self.shape(&schema).await?;
+                    self.write_table(&shape, &schema, &refs, &target, stats)
+                        .await?;
+                }
+            }
         }
         Ok(())
     }
@@ -1013,6 +1113,10 @@ async fn positions_session(endpoint: &PgEndpoint, sink: &str) -> Result<Client, 
         .batch_execute(POSITIONS_DDL)
         .await
         .map_err(|e| db_error("bitclone9.sink_positions", e))?;
+    client
+        .batch_execute(columns::SOURCE_COLUMNS_DDL)
+        .await
+        .map_err(|e| db_error("bitclone9.source_columns", e))?;
     Ok(client)
 }
 

@@ -133,6 +133,7 @@ fn table_and_row() -> impl Strategy<Value = (TableSchema, Row)> {
                 pg_type: "t".into(),
                 type_oid: 0,
                 is_key: i == 0,
+                attnum: None,
             })
             .collect();
         let table = TableSchema {

@@ -292,6 +292,7 @@ pub async fn describe_columns(
     known: &mut HashMap<u32, PgType>,
     columns: &[(String, u32, i32)],
     key: &[String],
+    attnums: &HashMap<String, i16>,
 ) -> Result<Vec<Column>, SourceError> {
     // Domains and arrays may need a second round (their base or element type).
     for _ in 0..4 {
@@ -355,8 +356,25 @@ pub async fn describe_columns(
             pg_type: pg_type.get(0),
             type_oid: *oid,
             is_key: key.contains(name),
+            attnum: attnums.get(name).copied(),
         })
         .collect())
+}
+
+/// The column numbers (`attnum`) of a table's live columns, by name.
+pub async fn column_numbers(
+    client: &Client,
+    relation_id: u32,
+) -> Result<HashMap<String, i16>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT attname::text, attnum FROM pg_attribute
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            &[&relation_id],
+        )
+        .await
+        .map_err(q("reading the table's column numbers"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The key columns of a table: its replica identity index when it has one (deletes carry exactly
@@ -403,9 +421,10 @@ pub async fn table_schema(
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let key = key_columns(client, relation_id).await?;
+    let attnums = column_numbers(client, relation_id).await?;
     Ok(TableSchema {
         id: table.clone(),
         relation_id,
-        columns: describe_columns(client, known, &cols, &key).await?,
+        columns: describe_columns(client, known, &cols, &key, &attnums).await?,
     })
 }

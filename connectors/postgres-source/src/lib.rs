@@ -940,9 +940,28 @@ impl PostgresSource {
                     .iter()
                     .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
                     .collect();
-                let columns =
-                    catalog::describe_columns(&self.sql, &mut self.known_types, &cols, &key)
-                        .await?;
+                // Numbers from today's catalog, which may be ahead of this message: a column
+                // dropped since keeps the number the table's previous shape had for its name;
+                // one renamed again since goes without (the sink then follows it by name).
+                let mut attnums = catalog::column_numbers(&self.sql, relation_id).await?;
+                if let Some(previous) = self.relations.get(&relation_id) {
+                    for c in &previous.columns {
+                        if let Some(n) = c.attnum {
+                            if !attnums.contains_key(&c.name) && !attnums.values().any(|v| *v == n)
+                            {
+                                attnums.insert(c.name.clone(), n);
+                            }
+                        }
+                    }
+                }
+                let columns = catalog::describe_columns(
+                    &self.sql,
+                    &mut self.known_types,
+                    &cols,
+                    &key,
+                    &attnums,
+                )
+                .await?;
                 let schema = TableSchema {
                     id: TableId::new(namespace, name),
                     relation_id,
@@ -1465,6 +1484,7 @@ mod tests {
             pg_type: "x".into(),
             type_oid: 0,
             is_key: name == "id",
+            attnum: None,
         };
         TableSchema {
             id: TableId::new("public", "t"),

@@ -328,6 +328,17 @@ pub struct TopicConfig {
     pub on_incompatible_schema: IncompatibleSchemaSetting,
 }
 
+/// `on_column_drop`: `"keep"` (the default) or `"drop"`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnDropSetting {
+    /// Keep the target column and its values; it takes NULL from then on.
+    #[default]
+    Keep,
+    /// Drop the target column too.
+    Drop,
+}
+
 /// `on_incompatible_schema`: `"stop"` (the default) or `"new_version"`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -409,6 +420,9 @@ pub struct SinkConfig {
     pub create_tables: bool,
     /// Write every table into this schema instead of its source schema.
     pub target_schema: Option<String>,
+    /// What a column dropped at the source does to its target column.
+    #[serde(default)]
+    pub on_column_drop: ColumnDropSetting,
     #[serde(default)]
     pub on_error: OnError,
     /// Dead-letter topic; default `bitclone9.dead-letter.<name>`.
