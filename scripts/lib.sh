@@ -79,3 +79,17 @@ build_deps_ensure() {
   apt_ensure build-essential pkg-config clang libclang-dev libssl-dev cmake curl
   rust_ensure
 }
+
+# A Python with the independent Avro consumer's packages (fastavro, confluent-kafka), in the
+# cache: tests read topics with it as a user's Python consumer would (scripts/read-topic.py).
+export BC9_PYTHON="${BC9_PYTHON:-$BC9_CACHE/python/bin/python}"
+python_deps_ensure() {
+  if [ -x "$BC9_PYTHON" ] && "$BC9_PYTHON" -c 'import fastavro, confluent_kafka' 2>/dev/null; then
+    return 0
+  fi
+  command -v python3 >/dev/null 2>&1 || apt_ensure python3
+  python3 -m venv --help >/dev/null 2>&1 || apt_ensure python3-venv
+  log "installing fastavro and confluent-kafka into $BC9_CACHE/python"
+  python3 -m venv "$BC9_CACHE/python"
+  "$BC9_CACHE/python/bin/pip" install -q fastavro==1.* confluent-kafka==2.*
+}

@@ -1027,6 +1027,8 @@ fn plain_type(t: &str) -> bool {
                 }
             }
             c if c.is_ascii_alphanumeric() || " _,.[]".contains(c) => {}
+            // A negative type modifier, as in numeric(5,-2) ("--" is refused below).
+            '-' if depth > 0 => {}
             _ => return false,
         }
     }
@@ -1195,6 +1197,7 @@ mod tests {
             "public.mood",
             "\"My Type\"",
             "numeric(12,3)[]",
+            "numeric(5,-2)",
         ] {
             assert!(plain_type(ok), "{ok}");
         }
@@ -1202,6 +1205,8 @@ mod tests {
             "int); DROP TABLE x; --",
             "int) , evil int",
             "int -- comment",
+            "numeric(5,--2)",
+            "int - 1",
             "text'",
             "\"a;b\"",
             "",
