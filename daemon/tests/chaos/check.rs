@@ -136,6 +136,8 @@ pub(crate) struct Findings {
     pub(crate) doubled: usize,
     pub(crate) misordered: usize,
     pub(crate) stale_or_unknown_states: usize,
+    /// Tables whose columns (names, types, order) differ between source and target.
+    pub(crate) divergent_columns: usize,
     pub(crate) divergent_rows: usize,
     /// Committed row events missing on Kafka inside a gap (a new snapshot carried their rows).
     pub(crate) excused: usize,

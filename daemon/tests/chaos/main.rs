@@ -18,9 +18,12 @@
 //! Checks at the end: (1) every committed change is on Kafka, re-sends carrying the same
 //! (lsn, seq); (2) per key, Kafka's order is commit order; (4) every state the target was seen
 //! in is a committed state of that key, never an older one than seen before; (5) the target
-//! equals the source and `bitclone9 verify` agrees; (6) every cycle recovered without help;
-//! (7) the daemon's peak RSS stayed under a bound. (3), the slot never confirming what Kafka
-//! lacks, is what (1) checks after each SIGKILL: a position confirmed too early would be a gap.
+//! equals the source, row for row and in its columns (names, types, order: the workload adds a
+//! column to `acct`, renames `line.qty` to `quantity` and makes it `bigint`, each at a
+//! transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle recovered
+//! without help; (7) the daemon's peak RSS stayed under a bound. (3), the slot never confirming
+//! what Kafka lacks, is what (1) checks after each SIGKILL: a position confirmed too early would
+//! be a gap.
 //! The workload starts once the initial snapshot is recorded, so every change it commits must
 //! appear on Kafka as a streamed event, except inside a slot-drop window: the daemon then takes
 //! a new snapshot, which carries the rows of the changes it no longer streams. (1) excuses those
@@ -44,7 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
-use workload::{start_workload, Rng, Workload, BIG_BODY, DDL};
+use workload::{start_workload, Rng, Shape, Workload, BIG_BODY, DDL};
 
 /// Peak resident memory the daemon may reach (source and sink in one process).
 const RSS_BOUND_MB: f64 = 512.0;
@@ -200,6 +203,31 @@ async fn kafka_events(source: &str) -> (Vec<KafkaEvent>, usize) {
         }
     }
     (out, records)
+}
+
+/// A table's columns as `name type` (`format_type`), in column order.
+async fn columns(c: &Client, table: &str) -> Vec<String> {
+    c.query(
+        "SELECT attname::text || ' ' || format_type(atttypid, atttypmod) FROM pg_attribute
+          WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        &[&table],
+    )
+    .await
+    .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
+    .unwrap_or_default()
+}
+
+/// Check (5), the tables' shape: the tables whose columns differ (a rename followed as a new
+/// column, a type not changed), with what each side has.
+async fn divergent_columns(src: &Client, dst: &Client) -> (usize, Vec<String>) {
+    let mut notes = Vec::new();
+    for (t, _) in TABLES {
+        let (a, b) = (columns(src, t).await, columns(dst, t).await);
+        if a != b {
+            notes.push(format!("{t}: columns differ: source {a:?}, target {b:?}"));
+        }
+    }
+    (notes.len(), notes)
 }
 
 /// Check (5): row for row, and the number of rows that differ.
@@ -404,10 +432,16 @@ max_batch_wait = "10ms"
         next_line: 100_000,
         tx: 0,
         add_column_at: 1 + Rng(seed).below(total_tx_hint),
+        rename_at: 1 + Rng(seed.rotate_left(13)).below(total_tx_hint),
+        retype_at: 1 + Rng(seed.rotate_left(29)).below(total_tx_hint),
         large_at: 1 + Rng(seed.rotate_left(7)).below(total_tx_hint),
         large_rows,
-        column_added: false,
+        shape: Shape::default(),
     };
+    println!(
+        "chaos: DDL from transaction {} (acct ADD COLUMN extra), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint)",
+        workload.add_column_at, workload.rename_at, workload.retype_at
+    );
     let load = start_workload(db.clone(), workload, history.clone(), stop_rx.clone());
     let observed = Arc::new(Mutex::new(Observed::default()));
     // Set while a slot drop's new snapshot empties and refills the target.
@@ -605,14 +639,25 @@ max_batch_wait = "10ms"
 
     // Stop the load; the clone must reach the source's final state by itself.
     let _ = stop_tx.send(true);
-    load.await.expect("workload");
+    let shape = load.await.expect("workload").shape;
     let src = connect_retrying(&db).await;
     let dst = connect_retrying(&target_db).await;
+    // The checker's own bookkeeping: the DDL it counts as committed is the source's shape.
+    let source_line = columns(&src, "line").await;
+    assert_eq!(
+        source_line,
+        shape.line_columns(),
+        "seed {seed}: the workload's notion of line's columns ({shape:?}) is not the source's"
+    );
+    println!("chaos: line's columns at the end: {source_line:?}");
     let want = max_txlog(&src).await;
     let settle = Instant::now();
     loop {
         daemon.sample_rss();
-        if max_txlog(&dst).await >= want && divergent_rows(&src, &dst).await.0 == 0 {
+        if max_txlog(&dst).await >= want
+            && divergent_columns(&src, &dst).await.0 == 0
+            && divergent_rows(&src, &dst).await.0 == 0
+        {
             break;
         }
         if settle.elapsed() > Duration::from_secs(240) {
@@ -626,6 +671,11 @@ max_batch_wait = "10ms"
     }
 
     let mut f = Findings::default();
+    let (d, notes) = divergent_columns(&src, &dst).await;
+    f.divergent_columns = d;
+    for n in notes {
+        f.note(n);
+    }
     let (d, notes) = divergent_rows(&src, &dst).await;
     f.divergent_rows = d;
     for n in notes {
@@ -673,6 +723,7 @@ max_batch_wait = "10ms"
         && f.doubled == 0
         && f.misordered == 0
         && f.stale_or_unknown_states == 0
+        && f.divergent_columns == 0
         && f.divergent_rows == 0;
     assert!(
         clean,

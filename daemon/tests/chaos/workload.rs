@@ -2,16 +2,26 @@
 //! each recorded in the [`History`] once it committed.
 //!
 //! ```text
-//!  Workload::draw ──(sql, effects)──► source db ──committed?──► History::record(tx number, ...)
-//!        ▲                                │ answer lost (PostgreSQL restarted under it)
-//!        └── History::live (keys to pick) └──► settled by looking for the txlog row
+//!  Workload::draw ──(sql, effects, shape)──► source db ──committed?──► History::record(tx number, ...)
+//!    ▲     ▲                                     │                 └──► Workload::shape = its shape
+//!    │     └── Workload::shape (DDL committed)   │ answer lost (PostgreSQL restarted under it)
+//!    └── History::live (keys to pick)            └──► settled by looking for the txlog row
 //! ```
+//!
+//! Three DDL changes come at transactions drawn from the seed, each in its own order:
+//! `acct` gets column `extra`, `line.qty` is renamed `quantity`, and that column (under
+//! whichever name it has then) becomes `bigint`, after which some writes put values above 2^31
+//! into it. The writes of a transaction after its DDL use the new shape; the workload's
+//! [`Shape`] follows only DDL that committed (a transaction that did not commit has its DDL
+//! done again by the next one). Each change of `line` is followed in its transaction by an
+//! insert into `line`, so that an event of the new shape reaches Kafka with it.
 
 use crate::check::{Effect, History, Key};
 use crate::connect_retrying;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
 
 /// SplitMix64: a small, well-mixed generator, so a printed seed replays a run exactly.
 #[derive(Clone)]
@@ -45,11 +55,50 @@ CREATE TABLE txlog (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now()
 pub(crate) const BIG_BODY: &str =
     "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 300))";
 
-/// A committed-or-not transaction: SQL and its effects, tagged with its txlog id.
+/// A value of `line`'s quantity column above 2^31, once it is `bigint`.
+const BIG_QTY: i64 = 3_000_000_000;
+
+/// The source tables' shape as the workload's SQL must see it: what the DDL changes that
+/// committed made of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Shape {
+    /// `acct` has column `extra`.
+    pub(crate) extra: bool,
+    /// `line.qty` is named `quantity`.
+    pub(crate) renamed: bool,
+    /// `line`'s quantity column is `bigint` (it was `int`).
+    pub(crate) bigint: bool,
+}
+
+impl Shape {
+    /// The current name of `line`'s quantity column.
+    pub(crate) fn qty(&self) -> &'static str {
+        if self.renamed {
+            "quantity"
+        } else {
+            "qty"
+        }
+    }
+
+    /// `line`'s columns as `name type` (`format_type`), in column order.
+    pub(crate) fn line_columns(&self) -> Vec<String> {
+        let ty = if self.bigint { "bigint" } else { "integer" };
+        vec![
+            "o integer".to_string(),
+            "n integer".to_string(),
+            "v bigint".to_string(),
+            format!("{} {ty}", self.qty()),
+        ]
+    }
+}
+
+/// A committed-or-not transaction: SQL and its effects, tagged with its txlog id, and the
+/// shape of the tables once it committed.
 struct Tx {
     id: u64,
     sql: String,
     effects: Vec<Effect>,
+    shape: Shape,
 }
 
 /// Draws the next transaction of the workload.
@@ -60,10 +109,16 @@ pub(crate) struct Workload {
     pub(crate) next_line: i64,
     /// The last txlog id drawn.
     pub(crate) tx: u64,
+    /// The txlog ids from which on `acct` gets column `extra`, `line.qty` is renamed
+    /// `quantity`, and that column becomes `bigint`: each done by the first transaction from
+    /// there on that commits.
     pub(crate) add_column_at: u64,
+    pub(crate) rename_at: u64,
+    pub(crate) retype_at: u64,
     pub(crate) large_at: u64,
     pub(crate) large_rows: i64,
-    pub(crate) column_added: bool,
+    /// The shape the committed transactions left.
+    pub(crate) shape: Shape,
 }
 
 impl Workload {
@@ -78,16 +133,14 @@ impl Workload {
         let mut sql = String::from("BEGIN;\n");
         let mut effects = Vec::new();
         let mut touched: HashSet<Key> = HashSet::new();
-        if id == self.add_column_at && !self.column_added {
-            self.column_added = true;
-            sql.push_str("ALTER TABLE acct ADD COLUMN extra text;\n");
-        }
+        let shape = self.alter(id, &mut sql, &mut effects, &mut touched);
         if id == self.large_at {
             let v0 = self.next_v + 1;
             self.next_v += self.large_rows;
             sql.push_str(&format!(
-                "INSERT INTO line SELECT 1000000 + g / 100, g % 100, {v0} + g, g % 7 FROM generate_series(0, {}) g;\n",
-                self.large_rows - 1
+                "INSERT INTO line (o, n, v, {q}) SELECT 1000000 + g / 100, g % 100, {v0} + g, g % 7 FROM generate_series(0, {}) g;\n",
+                self.large_rows - 1,
+                q = shape.qty()
             ));
             for g in 0..self.large_rows {
                 effects.push(Effect::Put(
@@ -106,12 +159,74 @@ impl Workload {
                 1 + self.rng.below(6)
             };
             for _ in 0..ops {
-                self.op(h, &mut sql, &mut effects, &mut touched);
+                self.op(h, shape, &mut sql, &mut effects, &mut touched);
             }
         }
         sql.push_str(&format!("INSERT INTO txlog (id) VALUES ({id});\nCOMMIT;"));
         effects.push(Effect::Put(3, id.to_string(), 0));
-        Tx { id, sql, effects }
+        Tx {
+            id,
+            sql,
+            effects,
+            shape,
+        }
+    }
+
+    /// The DDL due at transaction `id` that has not committed yet, and the shape the
+    /// transaction's writes see after it. A change of `line` is followed by an insert of the
+    /// new shape (after the type change, of a value above 2^31).
+    fn alter(
+        &mut self,
+        id: u64,
+        sql: &mut String,
+        effects: &mut Vec<Effect>,
+        touched: &mut HashSet<Key>,
+    ) -> Shape {
+        let mut shape = self.shape;
+        if id >= self.add_column_at && !shape.extra {
+            shape.extra = true;
+            sql.push_str("ALTER TABLE acct ADD COLUMN extra text;\n");
+        }
+        if id >= self.rename_at && !shape.renamed {
+            shape.renamed = true;
+            sql.push_str("ALTER TABLE line RENAME COLUMN qty TO quantity;\n");
+            self.insert_line(shape, false, sql, effects, touched);
+        }
+        if id >= self.retype_at && !shape.bigint {
+            sql.push_str(&format!(
+                "ALTER TABLE line ALTER COLUMN {} TYPE bigint;\n",
+                shape.qty()
+            ));
+            shape.bigint = true;
+            self.insert_line(shape, true, sql, effects, touched);
+        }
+        shape
+    }
+
+    /// Inserts a new row into `line`; `big`: with a quantity above 2^31 (`bigint` only).
+    fn insert_line(
+        &mut self,
+        shape: Shape,
+        big: bool,
+        sql: &mut String,
+        effects: &mut Vec<Effect>,
+        touched: &mut HashSet<Key>,
+    ) {
+        self.next_line += 1;
+        let (o, n) = (self.next_line / 10, self.next_line % 10);
+        let v = self.v();
+        let qty = if big && shape.bigint {
+            BIG_QTY + v
+        } else {
+            v % 13
+        };
+        sql.push_str(&format!(
+            "INSERT INTO line (o, n, v, {q}) VALUES ({o}, {n}, {v}, {qty});\n",
+            q = shape.qty()
+        ));
+        let k = format!("{o},{n}");
+        touched.insert((1, k.clone()));
+        effects.push(Effect::Put(1, k, v));
     }
 
     fn pick(&mut self, h: &History, t: usize, touched: &HashSet<Key>) -> Option<String> {
@@ -126,13 +241,15 @@ impl Workload {
     fn op(
         &mut self,
         h: &History,
+        shape: Shape,
         sql: &mut String,
         effects: &mut Vec<Effect>,
         touched: &mut HashSet<Key>,
     ) {
         let moods = ["sad", "ok", "happy"];
         let roll = self.rng.below(100);
-        let extra = if self.column_added {
+        let q = shape.qty();
+        let extra = if shape.extra {
             ", extra = 'e' || v"
         } else {
             ""
@@ -181,25 +298,23 @@ impl Workload {
                     effects.push(Effect::Put(0, k, v2));
                 }
             }
-            // line (composite key): insert, update, delete.
+            // line (composite key): insert, update, delete; once the quantity column is
+            // bigint, some inserts and updates put values above 2^31 into it.
             52..=66 => {
-                self.next_line += 1;
-                let (o, n) = (self.next_line / 10, self.next_line % 10);
-                let v = self.v();
-                sql.push_str(&format!(
-                    "INSERT INTO line VALUES ({o}, {n}, {v}, {});\n",
-                    v % 13
-                ));
-                let k = format!("{o},{n}");
-                touched.insert((1, k.clone()));
-                effects.push(Effect::Put(1, k, v));
+                let big = shape.bigint && self.rng.chance(0.2);
+                self.insert_line(shape, big, sql, effects, touched);
             }
             67..=76 => {
                 if let Some(k) = self.pick(h, 1, touched) {
                     let v = self.v();
                     let (o, n) = k.split_once(',').unwrap_or(("0", "0"));
+                    let qty = if shape.bigint && self.rng.chance(0.2) {
+                        (BIG_QTY + v).to_string()
+                    } else {
+                        format!("{q} + 1")
+                    };
                     sql.push_str(&format!(
-                        "UPDATE line SET v = {v}, qty = qty + 1 WHERE o = {o} AND n = {n};\n"
+                        "UPDATE line SET v = {v}, {q} = {qty} WHERE o = {o} AND n = {n};\n"
                     ));
                     touched.insert((1, k.clone()));
                     effects.push(Effect::Put(1, k, v));
@@ -249,14 +364,47 @@ impl Workload {
     }
 }
 
-/// Runs the workload until `stop`, recording what committed. A commit whose answer was lost
-/// (PostgreSQL restarted under it) is settled by looking for its txlog row.
+/// An error of the SQL itself (a wrong column name, a value its column cannot hold): the
+/// workload drew it wrong, and drawn again it would fail again.
+fn sql_is_wrong(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| matches!(c.code().get(..2), Some("22" | "42")))
+}
+
+/// Whether transaction `id`, whose answer was lost, committed: its txlog row, written in the
+/// same transaction, says so. Asked again until PostgreSQL answers: a failed look-up taken for
+/// "not committed" would lose a committed transaction's effects, or do its DDL once more.
+/// Returns the session it asked on.
+async fn settle(db: &str, id: u64) -> (Client, bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = connect_retrying(db).await;
+        match c
+            .query_opt("SELECT 1 FROM txlog WHERE id = $1", &[&(id as i64)])
+            .await
+        {
+            Ok(row) => return (c, row.is_some()),
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "transaction {id}: its txlog row could not be looked up within 120 s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// Runs the workload until `stop`, recording what committed, and returns it (its shape is the
+/// source's then). A commit whose answer was lost (PostgreSQL restarted under it) is settled by
+/// looking for its txlog row; the DDL of a transaction that did not commit is done again by the
+/// next one.
 pub(crate) fn start_workload(
     db: String,
     mut w: Workload,
     history: Arc<Mutex<History>>,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<Workload> {
     tokio::spawn(async move {
         let mut c = connect_retrying(&db).await;
         while !*stop.borrow() {
@@ -266,22 +414,24 @@ pub(crate) fn start_workload(
             };
             let committed = match c.batch_execute(&tx.sql).await {
                 Ok(()) => true,
-                Err(_) => {
-                    c = connect_retrying(&db).await;
-                    let found = c
-                        .query_opt("SELECT 1 FROM txlog WHERE id = $1", &[&(tx.id as i64)])
-                        .await
-                        .ok()
-                        .flatten()
-                        .is_some();
+                Err(e) => {
+                    assert!(
+                        !sql_is_wrong(&e),
+                        "transaction {}: the workload's SQL is wrong: {e}\n{}",
+                        tx.id,
+                        tx.sql
+                    );
                     history
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .indeterminate += 1;
+                    let (fresh, found) = settle(&db, tx.id).await;
+                    c = fresh;
                     found
                 }
             };
             if committed {
+                w.shape = tx.shape;
                 let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
                 // Numbered in commit order: the workload commits one transaction at a time.
                 h.committed_tx += 1;
@@ -290,13 +440,11 @@ pub(crate) fn start_workload(
                 if tx.effects.len() > 10_000 {
                     h.large_committed = true;
                 }
-            } else if tx.sql.contains("ADD COLUMN") {
-                w.column_added = false;
-                w.add_column_at = w.tx + 1;
             } else if tx.effects.len() > 10_000 {
                 w.large_at = w.tx + 1;
             }
             tokio::time::sleep(Duration::from_millis(4)).await;
         }
+        w
     })
 }
