@@ -467,3 +467,67 @@ async fn on_column_drop_drop_removes_the_target_column() {
     drop(daemon);
     cl.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_change_the_target_cannot_cast_stops_the_sink_with_the_statement_to_run() {
+    let cl = common::clone::Clone::new(
+        "skcast",
+        "CREATE TABLE t (id int PRIMARY KEY, a text);
+         INSERT INTO t VALUES (1, 'abc'), (2, 'hello')",
+        "",
+        "",
+    )
+    .await;
+    let text = std::fs::read_to_string(&cl.config).expect("config");
+    std::fs::write(
+        &cl.config,
+        text.replacen(
+            "partitions = 1\n",
+            "partitions = 1\non_incompatible_schema = \"new_version\"\n",
+            1,
+        ),
+    )
+    .expect("config");
+    let mut daemon = Daemon::start(&cl.config, "cast");
+    wait_same(&cl, "SELECT * FROM t ORDER BY id", Duration::from_secs(90)).await;
+    // The source converts with an expression the target's plain cast cannot repeat.
+    cl.src
+        .batch_execute(
+            "ALTER TABLE t ALTER COLUMN a TYPE integer USING length(a);
+             INSERT INTO t VALUES (3, 42)",
+        )
+        .await
+        .expect("alter");
+    daemon
+        .wait_log("the target cannot cast its values", Duration::from_secs(60))
+        .await;
+    let log = daemon.log_text();
+    assert!(
+        log.contains(r#"ALTER TABLE \"public\".\"t\" ALTER COLUMN \"a\" TYPE integer USING"#)
+            || log.contains(r#"ALTER TABLE "public"."t" ALTER COLUMN "a" TYPE integer USING"#),
+        "the error says what to run: {log}"
+    );
+    let addr = admin_addr(&mut daemon).await;
+    let (_, status) = http_get(&addr, "/status", None).await;
+    assert!(
+        status.contains("cannot cast its values"),
+        "/status says why: {status}"
+    );
+    // Nothing was dead-lettered or applied past the change meanwhile.
+    let n: i64 = cl
+        .dst
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 2);
+    // The operator runs it as the source did; the sink goes on by itself.
+    cl.dst
+        .batch_execute("ALTER TABLE t ALTER COLUMN a TYPE integer USING length(a)")
+        .await
+        .expect("operator's fix");
+    wait_same(&cl, "SELECT * FROM t ORDER BY id", Duration::from_secs(120)).await;
+    assert!(!daemon.log_text().contains("dead-letter topic"));
+    drop(daemon);
+    cl.cleanup().await;
+}
