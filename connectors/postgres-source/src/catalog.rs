@@ -361,20 +361,92 @@ pub async fn describe_columns(
         .collect())
 }
 
-/// The column numbers (`attnum`) of a table's live columns, by name.
-pub async fn column_numbers(
+/// One column of the catalog, as [`infer_attnums`] needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogColumn {
+    pub name: String,
+    pub attnum: i16,
+    /// Dropped or generated: never in a Relation message, but a number it may stand between.
+    pub hidden: bool,
+}
+
+/// Every column number of a table (live, dropped and generated), in order.
+pub async fn catalog_columns(
     client: &Client,
     relation_id: u32,
-) -> Result<HashMap<String, i16>, SourceError> {
+) -> Result<Vec<CatalogColumn>, SourceError> {
     let rows = client
         .query(
-            "SELECT attname::text, attnum FROM pg_attribute
-             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            "SELECT attname::text, attnum, attisdropped OR attgenerated <> '' FROM pg_attribute
+             WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
             &[&relation_id],
         )
         .await
         .map_err(q("reading the table's column numbers"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| CatalogColumn {
+            name: r.get(0),
+            attnum: r.get(1),
+            hidden: r.get(2),
+        })
+        .collect())
+}
+
+/// The column numbers of a Relation message's columns (in attnum order, as pgoutput sends
+/// them), from a catalog that may be older or newer than the message: a column is found by
+/// its name, else by its place between columns found by name, when exactly one catalog
+/// column (of any kind) sits in that place for exactly one unfound message column. Anything
+/// else stays unknown (`None`): a sink then follows that column by name.
+pub fn infer_attnums(message: &[String], catalog: &[CatalogColumn]) -> Vec<Option<i16>> {
+    let mut out: Vec<Option<i16>> = message
+        .iter()
+        .map(|n| {
+            catalog
+                .iter()
+                .find(|c| !c.hidden && c.name == *n)
+                .map(|c| c.attnum)
+        })
+        .collect();
+    // Found numbers must rise with the message's order; names found out of order (a name
+    // reused by another column since) are not trusted, neither of a pair.
+    let found = out.clone();
+    for (i, v) in out.iter_mut().enumerate() {
+        let Some(n) = found[i] else { continue };
+        let inverted = found
+            .iter()
+            .enumerate()
+            .any(|(j, o)| o.is_some_and(|m| (j < i && m >= n) || (j > i && m <= n)));
+        if inverted {
+            *v = None;
+        }
+    }
+    let taken: Vec<i16> = out.iter().flatten().copied().collect();
+    let mut i = 0;
+    while i < out.len() {
+        if out[i].is_some() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < out.len() && out[i].is_none() {
+            i += 1;
+        }
+        let low = if start == 0 {
+            0
+        } else {
+            out[start - 1].unwrap_or(0)
+        };
+        let high = out.get(i).copied().flatten().unwrap_or(i16::MAX);
+        let between: Vec<&CatalogColumn> = catalog
+            .iter()
+            .filter(|c| c.attnum > low && c.attnum < high && !taken.contains(&c.attnum))
+            .collect();
+        if i - start == 1 && between.len() == 1 && !between[0].hidden {
+            out[start] = Some(between[0].attnum);
+        }
+    }
+    out
 }
 
 /// The key columns of a table: its replica identity index when it has one (deletes carry exactly
@@ -421,10 +493,98 @@ pub async fn table_schema(
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let key = key_columns(client, relation_id).await?;
-    let attnums = column_numbers(client, relation_id).await?;
+    let attnums: HashMap<String, i16> = catalog_columns(client, relation_id)
+        .await?
+        .into_iter()
+        .filter(|c| !c.hidden)
+        .map(|c| (c.name, c.attnum))
+        .collect();
     Ok(TableSchema {
         id: table.clone(),
         relation_id,
         columns: describe_columns(client, known, &cols, &key, &attnums).await?,
     })
+}
+
+#[cfg(test)]
+mod attnum_tests {
+    use super::*;
+
+    fn cat(cols: &[(&str, i16, bool)]) -> Vec<CatalogColumn> {
+        cols.iter()
+            .map(|(n, a, h)| CatalogColumn {
+                name: n.to_string(),
+                attnum: *a,
+                hidden: *h,
+            })
+            .collect()
+    }
+    fn msg(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_catalog_ahead_or_behind_a_rename_still_numbers_the_column() {
+        // The catalog already has the new name; the message the old one (or the reverse).
+        let c = cat(&[
+            ("o", 1, false),
+            ("n", 2, false),
+            ("v", 3, false),
+            ("quantity", 4, false),
+        ]);
+        assert_eq!(
+            infer_attnums(&msg(&["o", "n", "v", "qty"]), &c),
+            vec![Some(1), Some(2), Some(3), Some(4)]
+        );
+        let c = cat(&[
+            ("id", 1, false),
+            ("a", 2, false),
+            ("n", 3, false),
+            ("gone", 4, false),
+            ("big", 5, false),
+        ]);
+        assert_eq!(
+            infer_attnums(&msg(&["id", "a2", "n", "big"]), &c),
+            vec![Some(1), Some(2), Some(3), Some(5)]
+        );
+    }
+
+    #[test]
+    fn an_ambiguous_place_stays_unknown() {
+        // b (2) was dropped and c (3) added since: which is b is unknowable.
+        let c = cat(&[
+            ("a", 1, false),
+            ("........pg.dropped.2........", 2, true),
+            ("c", 3, false),
+        ]);
+        assert_eq!(infer_attnums(&msg(&["a", "b"]), &c), vec![Some(1), None]);
+        // Two unfound columns in one place.
+        let c = cat(&[("a", 1, false), ("x", 2, false), ("y", 3, false)]);
+        assert_eq!(
+            infer_attnums(&msg(&["a", "p", "q"]), &c),
+            vec![Some(1), None, None]
+        );
+        // The only column in the place was dropped since: unknown, not the dropped number.
+        let c = cat(&[("a", 1, false), ("........pg.dropped.2........", 2, true)]);
+        assert_eq!(infer_attnums(&msg(&["a", "gone"]), &c), vec![Some(1), None]);
+    }
+
+    #[test]
+    fn a_name_now_held_by_a_later_column_is_not_trusted() {
+        // a (1) renamed to z, then a new column named a (3): the message still says a, b.
+        // Neither of the pair found out of order is trusted (a sink follows them by name).
+        let c = cat(&[("z", 1, false), ("b", 2, false), ("a", 3, false)]);
+        assert_eq!(infer_attnums(&msg(&["a", "b"]), &c), vec![None, None]);
+        let c = cat(&[
+            ("z", 1, false),
+            ("b", 2, false),
+            ("c", 3, false),
+            ("a", 4, false),
+        ]);
+        assert_eq!(
+            infer_attnums(&msg(&["a", "b", "c"]), &c),
+            vec![None, None, None],
+            "a found at 4 conflicts with b and c"
+        );
+    }
 }

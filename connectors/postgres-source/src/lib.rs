@@ -940,14 +940,34 @@ impl PostgresSource {
                     .iter()
                     .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
                     .collect();
-                // Numbers from today's catalog, which may be ahead of this message: a column
-                // dropped since keeps the number the table's previous shape had for its name;
-                // one renamed again since goes without (the sink then follows it by name).
-                let mut attnums = catalog::column_numbers(&self.sql, relation_id).await?;
+                // Numbers from today's catalog, which may be ahead of this message (later DDL)
+                // or even behind it (the walsender can send a transaction a moment before its
+                // commit is visible to other sessions): found by name, else by place.
+                let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+                let mut numbers = catalog::infer_attnums(
+                    &names,
+                    &catalog::catalog_columns(&self.sql, relation_id).await?,
+                );
+                if numbers.iter().any(Option::is_none) {
+                    // A commit not visible yet becomes so within moments: ask once more.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    numbers = catalog::infer_attnums(
+                        &names,
+                        &catalog::catalog_columns(&self.sql, relation_id).await?,
+                    );
+                }
+                let mut attnums: HashMap<String, i16> = names
+                    .iter()
+                    .zip(&numbers)
+                    .filter_map(|(n, a)| a.map(|a| (n.clone(), a)))
+                    .collect();
+                // A column dropped since keeps the number the previous shape had for its name.
                 if let Some(previous) = self.relations.get(&relation_id) {
                     for c in &previous.columns {
                         if let Some(n) = c.attnum {
-                            if !attnums.contains_key(&c.name) && !attnums.values().any(|v| *v == n)
+                            if names.contains(&c.name)
+                                && !attnums.contains_key(&c.name)
+                                && !attnums.values().any(|v| *v == n)
                             {
                                 attnums.insert(c.name.clone(), n);
                             }
