@@ -141,7 +141,17 @@ pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
         status_interval: s.status_interval,
         new_table_check_interval: s.new_table_check_interval,
         replica_identity_full: s.replica_identity_full,
+        stream_large_transactions: s.stream_large_transactions,
+        logical_decoding_work_mem: s.logical_decoding_work_mem.clone(),
+        // The running daemon spools under its state_dir (`spool_dir`); this is for commands
+        // that never stream.
+        spool_dir: std::env::temp_dir().join(format!("bitclone9-spool-{name}")),
     }
+}
+
+/// Where the source named `name` spools streamed transactions: under the daemon's state_dir.
+pub fn spool_dir(state_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    state_dir.join("spool").join(name)
 }
 
 /// How the source named `name` names and creates its topics.

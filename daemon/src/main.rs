@@ -7,6 +7,7 @@ use bitclone9::checkpoint::CheckpointStore;
 use bitclone9::config::{Config, LogFormat};
 use bitclone9::pipeline::{self, PipelineConfig};
 use bitclone9::status::Status;
+use bitclone9_postgres_source::PostgresSourceConfig;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -356,7 +357,10 @@ fn start_pipeline(
     let task = match &from {
         StartedFrom::Source(source) => {
             let pc = PipelineConfig {
-                source: bitclone9::source_settings(name, source),
+                source: PostgresSourceConfig {
+                    spool_dir: bitclone9::spool_dir(&cfg.daemon.state_dir, name),
+                    ..bitclone9::source_settings(name, source)
+                },
                 kafka: bitclone9::kafka_settings(cfg),
                 topics: bitclone9::topic_settings(name, source),
             };

@@ -1,6 +1,8 @@
 //! Transactions of every size on the real stack: an aborted one and a rolled-back savepoint
 //! send nothing, and a large one arrives whole, with one commit position and its changes
-//! numbered without a gap, while the daemon's memory stays bounded.
+//! numbered without a gap, while the daemon's memory stays bounded. Each runs twice: with
+//! PostgreSQL streaming large transactions while they run (protocol version 2, forced here by
+//! a `logical_decoding_work_mem` of 64kB) and with whole transactions at commit (version 1).
 
 mod common;
 
@@ -64,12 +66,48 @@ fn peak_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The daemon's metrics, fetched from its admin endpoint.
+async fn metrics(daemon: &mut Daemon) -> std::collections::HashMap<String, f64> {
+    let addr = admin_addr(daemon).await;
+    let (code, text) = http_get(&addr, "/metrics", None).await;
+    assert_eq!(code, 200);
+    parse_prometheus(&text)
+}
+
+/// The sum of every series of `name` whose labels contain `label`.
+fn metric(m: &std::collections::HashMap<String, f64>, name: &str, label: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| k.starts_with(&format!("{name}{{")) && k.contains(label))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The source settings that make PostgreSQL stream every transaction beyond 64kB, or send
+/// every transaction whole.
+fn streaming_setting(streaming: bool) -> String {
+    if streaming {
+        "logical_decoding_work_mem = \"64kB\"\n".into()
+    } else {
+        "stream_large_transactions = false\n".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_aborted_work_sends_nothing_and_a_large_transaction_arrives_whole() {
+    aborted_work_and_a_large_transaction(true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_work_sends_nothing_and_a_large_transaction_arrives_whole() {
+    aborted_work_and_a_large_transaction(false).await;
+}
+
+async fn aborted_work_and_a_large_transaction(streaming: bool) {
     let (db, client) = db_with("largetx", "CREATE TABLE t (id bigint PRIMARY KEY, v text)").await;
-    let spec = SourceSpec::new(&db);
+    let mut spec = SourceSpec::new(&db);
+    spec.extra = streaming_setting(streaming);
     let (cfg, _dir) = write_config(&spec, "");
-    let daemon = Daemon::start_streaming(&cfg, "largetx").await;
+    let mut daemon = Daemon::start_streaming(&cfg, "largetx").await;
     let pid = daemon.child.id();
     let big: u64 = 300_000;
     client
@@ -128,8 +166,126 @@ async fn aborted_work_sends_nothing_and_a_large_transaction_arrives_whole() {
         "peak RSS {rss} kB within {RSS_BOUND_KB} kB"
     );
     eprintln!(
-        "large transaction of {big} rows: daemon peak RSS {} MB",
+        "large transaction of {big} rows (streaming {streaming}): daemon peak RSS {} MB",
         rss / 1024
+    );
+    // Streaming was really used, or really not: the large and the aborted transaction went
+    // through the spools (a savepoint of 50,000 rows was streamed and rolled back inside one).
+    let m = metrics(&mut daemon).await;
+    let committed = metric(
+        &m,
+        "bitclone9_source_streamed_transactions_total",
+        "committed",
+    );
+    let aborted = metric(
+        &m,
+        "bitclone9_source_streamed_transactions_total",
+        "aborted",
+    );
+    if streaming {
+        assert!(committed >= 2.0, "streamed commits: {committed}");
+        assert!(aborted >= 1.0, "streamed aborts: {aborted}");
+        assert_eq!(
+            metric(&m, "bitclone9_source_spool_bytes", ""),
+            0.0,
+            "spools emptied"
+        );
+    } else {
+        assert_eq!(
+            committed + aborted,
+            0.0,
+            "nothing streamed with streaming off"
+        );
+    }
+    drop(daemon);
+    cleanup(&db).await;
+}
+
+/// Spool files of `source` under a test's state dir, by directory.
+fn spool_dirs(dir: &std::path::Path, source: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir.join("state").join("spool").join(source))
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_transaction_survives_a_kill_in_its_middle_and_arrives_once() {
+    let (db, client) = db_with(
+        "largetx",
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text); CREATE TABLE small (id int PRIMARY KEY)",
+    )
+    .await;
+    let mut spec = SourceSpec::new(&db);
+    spec.extra = streaming_setting(true);
+    let (cfg, dir) = write_config(&spec, "");
+    let mut daemon = Daemon::start_streaming(&cfg, "largetx").await;
+    let writer = connect(&db, &stack().pg_user, &stack().pg_password).await;
+    writer
+        .batch_execute(
+            "BEGIN; INSERT INTO t SELECT g, repeat('y', 50) FROM generate_series(1, 60000) g",
+        )
+        .await
+        .expect("first half, not committed");
+    daemon
+        .wait_log("streamed transaction begins", Duration::from_secs(60))
+        .await;
+    // A transaction committed while the large one runs arrives before it.
+    client
+        .batch_execute("INSERT INTO small VALUES (1)")
+        .await
+        .expect("small commit");
+    let small = positions(&spec.topic("small"), 1, Duration::from_secs(60));
+    assert_eq!(
+        small.len(),
+        1,
+        "a commit inside the large one's run is not held back"
+    );
+    let before_kill = spool_dirs(&dir, &spec.name);
+    assert_eq!(before_kill.len(), 1, "one spool directory: {before_kill:?}");
+    daemon.kill9();
+    let mut daemon = Daemon::start_streaming(&cfg, "largetx-again").await;
+    writer
+        .batch_execute(
+            "INSERT INTO t SELECT g, repeat('z', 50) FROM generate_series(60001, 120000) g; COMMIT",
+        )
+        .await
+        .expect("second half and commit");
+    let got = positions(&spec.topic("t"), 120_000, Duration::from_secs(300));
+    assert_eq!(got.len(), 120_000, "every row of the large transaction");
+    let lsns: std::collections::BTreeSet<&String> = got.iter().map(|(l, _)| l).collect();
+    assert_eq!(lsns.len(), 1, "one commit position");
+    let mut seqs: Vec<u64> = got.iter().map(|(_, s)| *s).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(
+        seqs.len(),
+        120_000,
+        "each change once: no duplicates from before the kill"
+    );
+    assert_eq!(seqs.first(), Some(&0));
+    let (small_lsn, big_lsn) = (small[0].0.clone(), got[0].0.clone());
+    let as_num = |l: &str| {
+        let (hi, lo) = l.split_once('/').expect("lsn hi/lo");
+        (u64::from_str_radix(hi, 16).expect("hex") << 32)
+            | u64::from_str_radix(lo, 16).expect("hex")
+    };
+    assert!(
+        as_num(&small_lsn) < as_num(&big_lsn),
+        "commit order: {small_lsn} before {big_lsn}"
+    );
+    // The killed process's spool is gone; the new one's holds nothing once all committed.
+    let after = spool_dirs(&dir, &spec.name);
+    assert!(
+        after.iter().all(|d| !before_kill.contains(d)),
+        "the killed process's spool was removed: {after:?}"
+    );
+    let m = metrics(&mut daemon).await;
+    assert!(
+        metric(
+            &m,
+            "bitclone9_source_streamed_transactions_total",
+            "committed"
+        ) >= 1.0
     );
     drop(daemon);
     cleanup(&db).await;

@@ -1,13 +1,16 @@
 //! The pgoutput decoder on arbitrary replication payloads, and the text-value parser on every
-//! value such a payload carries.
+//! value such a payload carries; also read as a streamed transaction's frame, or as a message
+//! inside one of its segments.
 //!
 //! ```text
 //!  XLogData payload ──► pgoutput::decode ──► tuple values ──► types::parse_text (each type)
+//!                   ├─► pgoutput::stream_control
+//!                   └─► pgoutput::split_xid ──► tag + body ──► pgoutput::decode
 //! ```
 #![no_main]
 
 use bitclone9_core::ColumnType;
-use bitclone9_postgres_source::pgoutput::{decode, Message, TupleValue};
+use bitclone9_postgres_source::pgoutput::{decode, split_xid, stream_control, Message, TupleValue};
 use bitclone9_postgres_source::types::{parse_decimal, parse_text};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
@@ -45,7 +48,14 @@ fn values(msg: &Message) -> Vec<&TupleValue> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(msg) = decode(&Bytes::copy_from_slice(data)) {
+    let payload = Bytes::copy_from_slice(data);
+    let _ = stream_control(&payload);
+    if let Ok((tag, _xid, body)) = split_xid(&payload) {
+        let mut v1 = vec![tag];
+        v1.extend_from_slice(body);
+        let _ = decode(&Bytes::from(v1));
+    }
+    if let Ok(msg) = decode(&payload) {
         for v in values(&msg) {
             if let TupleValue::Text(b) = v {
                 if let Ok(text) = std::str::from_utf8(b) {

@@ -19,12 +19,13 @@
 
 pub mod catalog;
 pub mod pgoutput;
+pub mod spool;
 pub mod types;
 
 use bitclone9_core::{Change, Lsn, Op, Row, SnapshotMark, TableId, TableSchema, TxInfo, Value};
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
-use pgoutput::{Message, TupleValue};
+use pgoutput::{Message, StreamControl, TupleValue};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -157,6 +158,13 @@ pub struct PostgresSourceConfig {
     /// Set REPLICA IDENTITY FULL on matching tables that have no primary key or replica
     /// identity, instead of leaving them out with a warning.
     pub replica_identity_full: bool,
+    /// Have PostgreSQL (14+) stream a transaction larger than its `logical_decoding_work_mem`
+    /// while it runs (protocol version 2); it is spooled under `spool_dir` until it commits.
+    pub stream_large_transactions: bool,
+    /// The walsender's `logical_decoding_work_mem` (e.g. "64MB"); the server's when `None`.
+    pub logical_decoding_work_mem: Option<String>,
+    /// Where streamed transactions wait for their commit.
+    pub spool_dir: std::path::PathBuf,
 }
 
 /// What the daemon remembers of this source between runs.
@@ -195,6 +203,10 @@ pub enum SourceError {
     },
     #[error("WAL refers to relation {0} before describing it")]
     UnknownRelation(u32),
+    /// Writing or reading a streamed transaction's spool failed (a full disk, say): the stream
+    /// is read again from the last confirmed position once it works.
+    #[error("{0}; to fix: free space or permissions under the daemon's state_dir")]
+    Spool(#[from] spool::SpoolError),
 }
 
 impl SourceError {
@@ -214,7 +226,9 @@ impl SourceError {
     /// Network trouble and lost connections may pass; a misconfiguration or bad data will not.
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Unreachable { .. } | SourceError::Stream(_) => true,
+            SourceError::Unreachable { .. } | SourceError::Stream(_) | SourceError::Spool(_) => {
+                true
+            }
             SourceError::Query { transient, .. } => *transient,
             _ => false,
         }
@@ -417,6 +431,18 @@ pub struct PostgresSource {
     /// The publication's tables as last seen: one missing later was dropped (or taken out of
     /// the publication by hand).
     published: Vec<TableId>,
+    /// Streamed transactions not ended yet (streaming on).
+    spools: Option<spool::Spools>,
+    /// A committed streamed transaction being handed over; the stream waits meanwhile.
+    replaying: Option<Replaying>,
+}
+
+/// A streamed transaction read back from its spool at its commit.
+#[derive(Debug)]
+struct Replaying {
+    replay: spool::Replay,
+    end_lsn: Lsn,
+    changes: u64,
 }
 
 /// What a catalog check found since the last one.
@@ -436,6 +462,15 @@ fn session_options() -> String {
         .map(|(k, v)| format!("-c {k}={v}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The replication session's settings: the value formats, and the decoding memory if set.
+fn replication_options(cfg: &PostgresSourceConfig) -> String {
+    let mut options = session_options();
+    if let Some(mem) = &cfg.logical_decoding_work_mem {
+        options.push_str(&format!(" -c logical_decoding_work_mem={mem}"));
+    }
+    options
 }
 
 fn now_us() -> i64 {
@@ -627,7 +662,23 @@ impl PostgresSource {
                 if cfg.snapshot == SnapshotMode::Initial { " and re-snapshotting" } else { "; changes made while it was missing are NOT captured (snapshot = \"never\")" });
         }
 
-        let mut rcfg = replication_config(&cfg, &cfg.slot);
+        // Streaming of large transactions needs protocol version 2, PostgreSQL 14 or newer.
+        let version: i32 = sql
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| SourceError::from_postgres("reading the server's version", e))?
+            .get(0);
+        let streaming = cfg.stream_large_transactions && version >= 140_000;
+        if cfg.stream_large_transactions && !streaming {
+            tracing::info!(source = %cfg.name, server_version = version,
+                "large transactions are decoded whole at commit: streaming them needs PostgreSQL 14 or newer");
+        }
+        let spools = if streaming {
+            Some(spool::Spools::open(&cfg.spool_dir)?)
+        } else {
+            None
+        };
+        let mut rcfg = replication_config(&cfg, &cfg.slot).with_streaming(streaming);
         if !need_slot {
             if let Some(lsn) = resume.lsn {
                 rcfg = rcfg.with_start_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
@@ -728,6 +779,8 @@ impl PostgresSource {
             stream_started: false,
             left_out,
             published,
+            spools,
+            replaying: None,
         };
         if matches!(source.phase, Phase::Streaming) {
             source.start_stream().await?;
@@ -783,6 +836,9 @@ impl PostgresSource {
             out.push(SourceEvent::SnapshotDone { consistent_point });
             return Ok(());
         }
+        if self.replaying.is_some() {
+            return self.next_replay_batch(out).await;
+        }
         let first = loop {
             tokio::select! {
                 ev = self.repl.recv() => break ev,
@@ -801,7 +857,8 @@ impl PostgresSource {
             }
         };
         self.handle_event(first, out).await?;
-        while out.len() < MAX_BATCH {
+        // A committed streamed transaction is handed over before anything after it.
+        while out.len() < MAX_BATCH && self.replaying.is_none() {
             match self.repl.recv().now_or_never() {
                 Some(ev) => self.handle_event(ev, out).await?,
                 None => break,
@@ -901,7 +958,13 @@ impl PostgresSource {
                     });
                 }
             }
-            ReplicationEvent::XLogData { data, .. } => self.handle_message(&data, out).await?,
+            ReplicationEvent::XLogData { data, .. } => {
+                if self.spools.is_some() {
+                    self.handle_streamed(&data, out).await?;
+                } else {
+                    self.handle_message(&data, out).await?;
+                }
+            }
             ReplicationEvent::StoppedAt { .. } => {
                 return Err(SourceError::Stream("the stream stopped".into()));
             }
@@ -1047,6 +1110,111 @@ impl PostgresSource {
             seq: self.next_seq(),
             snapshot: SnapshotMark::No,
         }));
+        Ok(())
+    }
+
+    /// A message under streaming: the frame of a streamed transaction, a message inside one of
+    /// its segments (spooled), or one of a transaction sent whole.
+    async fn handle_streamed(
+        &mut self,
+        data: &Bytes,
+        out: &mut Vec<SourceEvent>,
+    ) -> Result<(), SourceError> {
+        let Some(spools) = self.spools.as_mut() else {
+            return self.handle_message(data, out).await;
+        };
+        let name = &self.cfg.name;
+        match pgoutput::stream_control(data)? {
+            Some(StreamControl::Start { xid, first }) => {
+                if first {
+                    tracing::debug!(source = %name, xid, "streamed transaction begins");
+                }
+                spools.start(xid, first)?;
+            }
+            Some(StreamControl::Stop) => {
+                spools.stop();
+                metrics::gauge!("bitclone9_source_spool_bytes", "connector" => name.clone())
+                    .set(spools.bytes() as f64);
+            }
+            Some(StreamControl::Abort { xid, subxid }) => {
+                spools.abort(xid, subxid);
+                if xid == subxid {
+                    tracing::debug!(source = %name, xid, "streamed transaction rolled back");
+                    metrics::counter!("bitclone9_source_streamed_transactions_total",
+                        "connector" => name.clone(), "outcome" => "aborted")
+                    .increment(1);
+                }
+            }
+            Some(StreamControl::Commit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+            }) => {
+                let replay = spools.commit(xid)?;
+                tracing::info!(source = %name, xid, lsn = %Lsn(commit_lsn), spooled_bytes = replay.bytes,
+                    "streamed transaction committed: handing it over from its spool");
+                self.tx = Some(TxInfo {
+                    xid: Some(xid),
+                    commit_lsn: Lsn(commit_lsn),
+                    commit_time_us: commit_time + PG_EPOCH_OFFSET_US,
+                });
+                self.seq = 0;
+                self.replaying = Some(Replaying {
+                    replay,
+                    end_lsn: Lsn(end_lsn),
+                    changes: 0,
+                });
+            }
+            None if spools.in_segment() => {
+                let (tag, subxid, body) = pgoutput::split_xid(data)?;
+                // Logical messages inside a transaction carry nothing to capture.
+                if tag != b'M' {
+                    spools.append(tag, subxid, body)?;
+                }
+            }
+            None => self.handle_message(data, out).await?,
+        }
+        Ok(())
+    }
+
+    /// Hands over the next part of a committed streamed transaction, and its commit at the end.
+    async fn next_replay_batch(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), SourceError> {
+        while out.len() < MAX_BATCH {
+            let Some(r) = self.replaying.as_mut() else {
+                break;
+            };
+            match r.replay.next_message()? {
+                Some(msg) => {
+                    let before = out.len();
+                    self.handle_message(&msg, out).await?;
+                    if let Some(r) = self.replaying.as_mut() {
+                        r.changes += (out.len() - before) as u64;
+                    }
+                }
+                None => {
+                    let end_lsn = r.end_lsn;
+                    let changes = r.changes;
+                    self.replaying = None;
+                    self.tx = None;
+                    out.push(SourceEvent::Commit { end_lsn });
+                    tracing::debug!(source = %self.cfg.name, changes, lsn = %end_lsn, "streamed transaction handed over");
+                    metrics::counter!("bitclone9_source_streamed_transactions_total",
+                        "connector" => self.cfg.name.clone(), "outcome" => "committed")
+                    .increment(1);
+                    if let Some(spools) = &self.spools {
+                        metrics::gauge!("bitclone9_source_spool_bytes", "connector" => self.cfg.name.clone())
+                            .set(spools.bytes() as f64);
+                    }
+                    break;
+                }
+            }
+        }
+        if self.acked_rx.has_changed().unwrap_or(false) {
+            let lsn = *self.acked_rx.borrow_and_update();
+            self.repl
+                .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+        }
         Ok(())
     }
 
@@ -1277,7 +1445,7 @@ fn replication_config(cfg: &PostgresSourceConfig, slot: &str) -> ReplicationConf
     .with_status_interval(cfg.status_interval)
     .with_wakeup_interval(Duration::from_secs(1))
     .with_buffer_size(16 * 1024)
-    .with_options(session_options())
+    .with_options(replication_options(cfg))
     .with_application_name(format!("bitclone9-{}", cfg.name))
 }
 

@@ -1,9 +1,14 @@
-//! Decoder of pgoutput (protocol version 1) row messages, with no I/O.
+//! Decoder of pgoutput row messages, with no I/O.
 //!
 //! The replication client already splits the stream into Begin, Commit and logical Message events;
 //! everything else arrives as raw `XLogData` payloads and is decoded here: Relation, Type, Origin,
 //! Insert, Update, Delete and Truncate. Column values are borrowed from the payload; the caller turns
 //! them into typed values once it knows the column types.
+//!
+//! With protocol version 2 and streaming on, a large transaction also arrives in segments while
+//! it runs ([`stream_control`] reads Stream Start/Stop/Commit/Abort); inside a segment each
+//! message has its (sub)transaction's xid after the tag ([`split_xid`] takes it out, leaving the
+//! version-1 layout [`decode`] reads).
 
 use bytes::Bytes;
 
@@ -127,6 +132,13 @@ impl<'a> Reader<'a> {
         Ok(self.i32()? as u32)
     }
 
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+
     fn cstr(&mut self) -> Result<String, DecodeError> {
         let rest = &self.buf[self.pos..];
         let len = rest
@@ -170,6 +182,77 @@ impl<'a> Reader<'a> {
         }
         Ok(values)
     }
+}
+
+/// The messages that frame a streamed transaction (protocol version 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamControl {
+    /// A segment of transaction `xid` begins; `first` when it is the transaction's first.
+    Start { xid: u32, first: bool },
+    /// The current segment ends.
+    Stop,
+    /// Transaction `xid` committed at `commit_lsn`; `end_lsn` is just past its commit record.
+    Commit {
+        xid: u32,
+        commit_lsn: u64,
+        end_lsn: u64,
+        /// Microseconds since 2000-01-01.
+        commit_time: i64,
+    },
+    /// Subtransaction `subxid` of `xid` rolled back; the whole transaction when they are equal.
+    Abort { xid: u32, subxid: u32 },
+}
+
+/// Reads a Stream Start, Stop, Commit or Abort message; `None` for any other message.
+pub fn stream_control(buf: &Bytes) -> Result<Option<StreamControl>, DecodeError> {
+    let Some(&tag) = buf.first() else {
+        return Ok(None);
+    };
+    let mut r = Reader {
+        tag: tag as char,
+        buf,
+        pos: 1,
+    };
+    Ok(Some(match tag {
+        b'S' => StreamControl::Start {
+            xid: r.u32()?,
+            first: r.u8()? == 1,
+        },
+        b'E' => StreamControl::Stop,
+        b'c' => {
+            let xid = r.u32()?;
+            r.u8()?; // flags, unused
+            StreamControl::Commit {
+                xid,
+                commit_lsn: r.u64()?,
+                end_lsn: r.u64()?,
+                commit_time: r.u64()? as i64,
+            }
+        }
+        b'A' => StreamControl::Abort {
+            xid: r.u32()?,
+            subxid: r.u32()?,
+        },
+        _ => return Ok(None),
+    }))
+}
+
+/// Splits a message from inside a streamed segment into its (sub)transaction's xid and the
+/// rest, which is the message's version-1 layout without its tag.
+pub fn split_xid(buf: &Bytes) -> Result<(u8, u32, &[u8]), DecodeError> {
+    let Some(&tag) = buf.first() else {
+        return Err(DecodeError {
+            tag: '?',
+            what: "empty message".into(),
+        });
+    };
+    let mut r = Reader {
+        tag: tag as char,
+        buf,
+        pos: 1,
+    };
+    let xid = r.u32()?;
+    Ok((tag, xid, &buf[5..]))
 }
 
 /// Decodes one pgoutput message.

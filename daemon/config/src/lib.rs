@@ -283,6 +283,14 @@ pub struct SourceConfig {
     /// (they are left out with a warning otherwise).
     #[serde(default)]
     pub replica_identity_full: bool,
+    /// Have PostgreSQL 14+ stream a transaction that outgrows `logical_decoding_work_mem`
+    /// while it runs (spooled under state_dir until it commits); `false` sends each whole at
+    /// commit.
+    #[serde(default = "yes")]
+    pub stream_large_transactions: bool,
+    /// The replication session's `logical_decoding_work_mem` (e.g. "64MB"): how much of a
+    /// transaction PostgreSQL holds in memory before streaming it; the server's setting if unset.
+    pub logical_decoding_work_mem: Option<String>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Topics are `<topic_prefix>.<schema>.<table>`; default the source name.
@@ -701,6 +709,24 @@ impl Config {
                 }
             }
             check_connection(&s.connection(), &at)?;
+            if let Some(mem) = &s.logical_decoding_work_mem {
+                let digits = mem.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+                let unit = &mem[digits.len()..];
+                let amount: u64 = digits.parse().unwrap_or(0);
+                // PostgreSQL takes 64kB at the least.
+                let kb = match unit {
+                    "kB" => amount,
+                    "MB" => amount.saturating_mul(1 << 10),
+                    "GB" => amount.saturating_mul(1 << 20),
+                    _ => 0,
+                };
+                if kb < 64 {
+                    return Err((
+                        at("logical_decoding_work_mem"),
+                        format!("expected an amount of at least 64kB in kB, MB or GB, such as \"64MB\", got {mem:?}"),
+                    ));
+                }
+            }
             if s.topics.partitions < 1 {
                 return Err((
                     at("topics.partitions"),
@@ -1342,6 +1368,16 @@ database = "shop"
         assert_eq!(path, "sinks.copy.on_error");
         let (path, _) = invalid(&sink("topics = [\"a\"]\nmax_batch_events = 0"));
         assert_eq!(path, "sinks.copy.max_batch_events");
+        let source =
+            |line: &str| GOOD.replacen("[sources.demo]", &format!("[sources.demo]\n{line}"), 1);
+        assert!(GOOD.contains("[sources.demo]"));
+        let c = parse(&source("logical_decoding_work_mem = \"64kB\"")).expect("valid source");
+        assert!(c.sources["demo"].stream_large_transactions);
+        for bad in ["\"32kB\"", "\"64\"", "\"1 MB\"", "\"lots\""] {
+            let (path, msg) = invalid(&source(&format!("logical_decoding_work_mem = {bad}")));
+            assert_eq!(path, "sources.demo.logical_decoding_work_mem");
+            assert!(msg.contains("at least 64kB"), "{msg}");
+        }
         let (path, msg) =
             invalid(&sink("topics = [\"a\"]").replace("[sinks.copy]", "[sinks.demo]"));
         assert_eq!(path, "sinks.demo");

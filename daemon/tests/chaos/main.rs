@@ -358,6 +358,8 @@ password = "${{TEST_PG_PASSWORD}}"
 database = "{db}"
 heartbeat_interval = "1s"
 status_interval = "200ms"
+# Large transactions are streamed while they run (and spooled until they commit).
+logical_decoding_work_mem = "64kB"
 [sources.{db}.topics]
 partitions = 3
 [sinks.{db}_clone]

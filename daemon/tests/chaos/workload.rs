@@ -15,6 +15,11 @@
 //! [`Shape`] follows only DDL that committed (a transaction that did not commit has its DDL
 //! done again by the next one). Each change of `line` is followed in its transaction by an
 //! insert into `line`, so that an event of the new shape reaches Kafka with it.
+//!
+//! About one transaction in twenty is large (20–220 writes, some with TOASTed bodies); a third
+//! of those first write and roll back a savepoint. The daemon runs with a
+//! `logical_decoding_work_mem` of 64kB, so PostgreSQL streams these while they run, rolled-back
+//! savepoints included.
 
 use crate::check::{Effect, History, Key};
 use crate::connect_retrying;
@@ -158,6 +163,16 @@ impl Workload {
             } else {
                 1 + self.rng.below(6)
             };
+            // Some large transactions roll back a savepoint's worth of writes first: with the
+            // source streaming transactions over 64kB, that is a streamed subtransaction abort.
+            if ops >= 20 && self.rng.chance(0.3) {
+                sql.push_str("SAVEPOINT undone;\n");
+                let (mut undone, mut undone_touched) = (Vec::new(), touched.clone());
+                for _ in 0..ops / 2 {
+                    self.op(h, shape, &mut sql, &mut undone, &mut undone_touched);
+                }
+                sql.push_str("ROLLBACK TO SAVEPOINT undone;\n");
+            }
             for _ in 0..ops {
                 self.op(h, shape, &mut sql, &mut effects, &mut touched);
             }
