@@ -146,6 +146,7 @@ pub fn source_settings(name: &str, s: &SourceConfig) -> PostgresSourceConfig {
         // The running daemon spools under its state_dir (`spool_dir`); this is for commands
         // that never stream.
         spool_dir: std::env::temp_dir().join(format!("bitclone9-spool-{name}")),
+        ddl_trigger: s.ddl_trigger,
     }
 }
 

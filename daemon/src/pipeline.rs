@@ -429,7 +429,13 @@ async fn run_once(
         if let Some(e) = failed {
             break Err(e);
         }
-        if !check_every.is_zero() && checked_at.elapsed() >= check_every && !source.snapshotting() {
+        let polled = !check_every.is_zero() && checked_at.elapsed() >= check_every;
+        if !source.snapshotting() && (polled | source.take_catalog_check_due()) {
+            if !polled {
+                // Noted by the DDL trigger: the walsender may send a transaction a moment
+                // before its commit is visible to other sessions.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             checked_at = Instant::now();
             let changes = match source.catalog_changes().await {
                 Ok(c) => c,

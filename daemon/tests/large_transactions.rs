@@ -86,9 +86,10 @@ fn metric(m: &std::collections::HashMap<String, f64>, name: &str, label: &str) -
 /// every transaction whole.
 fn streaming_setting(streaming: bool) -> String {
     if streaming {
-        "logical_decoding_work_mem = \"64kB\"\n".into()
+        "stream_large_transactions = true\nlogical_decoding_work_mem = \"64kB\"\n".into()
     } else {
-        "stream_large_transactions = false\n".into()
+        // The default.
+        String::new()
     }
 }
 

@@ -349,12 +349,24 @@ async fn column_types(c: &tokio_postgres::Client, table: &str) -> Vec<(String, S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn columns_renamed_retyped_and_dropped_at_the_source_are_followed_in_the_target() {
+    follow_column_changes("skddl", "").await;
+}
+
+/// The same with two target sessions applying each batch's partitions at once, in small
+/// batches: a session that meets the column change first changes the table, and the other
+/// one, whose statements the change made wrong, rolls back and applies again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_changes_are_followed_with_concurrent_apply_sessions() {
+    follow_column_changes("skddlconc", "apply_concurrency = 2\nmax_batch_events = 20").await;
+}
+
+async fn follow_column_changes(prefix: &str, sink_extra: &str) {
     let cl = common::clone::Clone::with_partitions(
-        "skddl",
+        prefix,
         "CREATE TABLE t (id int PRIMARY KEY, a text, n integer, gone text NOT NULL DEFAULT 'g', big integer);
          INSERT INTO t SELECT g, 'a' || g, g, 'gone' || g, g FROM generate_series(1, 200) g",
         "",
-        "",
+        sink_extra,
         2,
     )
     .await;
@@ -530,4 +542,58 @@ async fn a_type_change_the_target_cannot_cast_stops_the_sink_with_the_statement_
     assert!(!daemon.log_text().contains("dead-letter topic"));
     drop(daemon);
     cl.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ddl_trigger_finds_a_new_table_without_a_catalog_poll() {
+    let (db, client) = db_with("ddltrig", "CREATE TABLE a (id int PRIMARY KEY)").await;
+    let s = stack();
+    let mut spec = SourceSpec::new(&db);
+    // No polling: only the trigger's note can find the new table while streaming.
+    spec.extra = "new_table_check_interval = \"0s\"\nddl_trigger = true\n".into();
+    let (cfg, _dir) = write_config(&spec, "");
+    // Creating an event trigger takes a superuser.
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        text.replacen(
+            &format!("user = \"{}\"", s.pg_user),
+            &format!("user = \"{}\"", s.pg_superuser),
+            1,
+        ),
+    )
+    .expect("config");
+    let mut daemon = Daemon::start_with(&cfg, "ddltrig", &[("TEST_PG_PASSWORD", &s.pg_superpass)]);
+    daemon
+        .wait_log("streaming started", Duration::from_secs(60))
+        .await;
+    let installed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname = 'bitclone9_ddl'",
+            &[],
+        )
+        .await
+        .expect("event triggers")
+        .get(0);
+    assert_eq!(installed, 1, "the trigger is installed");
+    client
+        .batch_execute(
+            "CREATE TABLE b (id int PRIMARY KEY, v text); INSERT INTO b VALUES (1, 'first')",
+        )
+        .await
+        .expect("new table");
+    let got = consume(
+        &spec.topic("b"),
+        1,
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        got.iter().any(|r| r.key_long("id") == Some(1)),
+        "the new table's row arrived without a catalog poll"
+    );
+    assert!(daemon.log_text().contains("new tables match include"));
+    drop(daemon);
+    cleanup(&db).await;
 }

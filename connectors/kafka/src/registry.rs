@@ -72,6 +72,15 @@ impl Registry {
         })
     }
 
+    /// `req` with the configured login.
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.access.auth {
+            RegistryAuth::None => req,
+            RegistryAuth::Basic { username, password } => req.basic_auth(username, Some(password)),
+            RegistryAuth::Bearer(token) => req.bearer_auth(token),
+        }
+    }
+
     /// One request to the Confluent API: `Ok((status, body))` for any HTTP answer, `Err` when
     /// the registry does not answer.
     async fn call(
@@ -81,17 +90,11 @@ impl Registry {
         body: Option<serde_json::Value>,
     ) -> Result<(u16, serde_json::Value), SinkError> {
         let url = format!("{}/{path}", self.url.trim_end_matches('/'));
-        let mut req = self
-            .http
-            .request(method, &url)
-            .header("Accept", "application/vnd.schemaregistry.v1+json");
-        match &self.access.auth {
-            RegistryAuth::None => {}
-            RegistryAuth::Basic { username, password } => {
-                req = req.basic_auth(username, Some(password));
-            }
-            RegistryAuth::Bearer(token) => req = req.bearer_auth(token),
-        }
+        let mut req = self.authorized(
+            self.http
+                .request(method, &url)
+                .header("Accept", "application/vnd.schemaregistry.v1+json"),
+        );
         if let Some(b) = body {
             req = req
                 .header("Content-Type", "application/vnd.schemaregistry.v1+json")
@@ -240,14 +243,8 @@ impl Registry {
             .no_proxy()
             .build()
             .ok()?;
-        let mut req = client.get(format!("{}/subjects", self.url.trim_end_matches('/')));
-        match &self.access.auth {
-            RegistryAuth::None => {}
-            RegistryAuth::Basic { username, password } => {
-                req = req.basic_auth(username, Some(password));
-            }
-            RegistryAuth::Bearer(token) => req = req.bearer_auth(token),
-        }
+        let req =
+            self.authorized(client.get(format!("{}/subjects", self.url.trim_end_matches('/'))));
         match req.send().await {
             Ok(r) if r.status().is_success() => None,
             Ok(r) => Some(format!(

@@ -25,7 +25,6 @@ pub(crate) struct KeylessSql {
     copy: String,
     update_one: String,
     delete_one: String,
-    columns: usize,
 }
 
 impl KeylessSql {
@@ -62,7 +61,6 @@ impl KeylessSql {
             copy: format!("COPY {name} ({}) FROM STDIN", cols.join(", ")),
             update_one: format!("UPDATE {name} SET {set} WHERE {one_row}"),
             delete_one: format!("DELETE FROM {name} WHERE {one_row}"),
-            columns: n,
         }
     }
 }
@@ -110,6 +108,31 @@ fn texts(
     Ok(out)
 }
 
+/// Runs `text` (prepared on first use into `stmt`, with `params.len()` text parameters) and
+/// tells whether it changed a row.
+async fn change_one(
+    client: &Client,
+    stmt: &mut Option<tokio_postgres::Statement>,
+    text: &str,
+    params: &[Option<String>],
+    target: &str,
+) -> Result<bool, TargetError> {
+    let prepared = match stmt {
+        Some(s) => s,
+        None => stmt.insert(
+            client
+                .prepare_typed(text, &vec![Type::TEXT; params.len()])
+                .await
+                .map_err(|e| db_error(target, e))?,
+        ),
+    };
+    let n = client
+        .execute_raw(prepared, params.iter().map(|p| p.as_deref()))
+        .await
+        .map_err(|e| db_error(target, e))?;
+    Ok(n > 0)
+}
+
 /// Applies `changes` of one keyless table, in order, inside the open transaction.
 pub(crate) async fn apply(
     client: &Client,
@@ -124,8 +147,7 @@ pub(crate) async fn apply(
         detail,
     };
     let mut stats = KeylessStats::default();
-    let mut update = None;
-    let mut delete = None;
+    let (mut update, mut delete) = (None, None);
     let mut copy = String::new();
     let mut copied = 0u64;
     for c in changes {
@@ -134,8 +156,8 @@ pub(crate) async fn apply(
             stats.inserts += copied;
             copied = 0;
         }
-        let old_row = |c: &Change| {
-            c.before.clone().ok_or_else(|| {
+        let old_row = || {
+            c.before.as_deref().ok_or_else(|| {
                 bad(format!(
                     "{} event of a table without a key carries no old row: set REPLICA IDENTITY FULL on the source table",
                     c.op.code()
@@ -159,47 +181,24 @@ pub(crate) async fn apply(
                 copied += 1;
             }
             Op::Update => {
-                let before = old_row(c)?;
+                let before = old_row()?;
                 let after = c
                     .after
                     .as_ref()
                     .ok_or_else(|| bad("u event without a new row".into()))?;
-                let mut params = texts(table, &before, None, &bad)?;
-                params.extend(texts(table, after, Some(&before), &bad)?);
-                if update.is_none() {
-                    update = Some(
-                        client
-                            .prepare_typed(&sql.update_one, &vec![Type::TEXT; 2 * sql.columns])
-                            .await
-                            .map_err(|e| db_error(target, e))?,
-                    );
-                }
-                let stmt = update.as_ref().ok_or_else(|| bad("no statement".into()))?;
-                let n = client
-                    .execute_raw(stmt, params.iter().map(|p| p.as_deref()))
-                    .await
-                    .map_err(|e| db_error(target, e))?;
+                let mut params = texts(table, before, None, &bad)?;
+                params.extend(texts(table, after, Some(before), &bad)?);
+                let changed =
+                    change_one(client, &mut update, &sql.update_one, &params, target).await?;
                 stats.updates += 1;
-                stats.missing += u64::from(n == 0);
+                stats.missing += u64::from(!changed);
             }
             Op::Delete => {
-                let before = old_row(c)?;
-                let params = texts(table, &before, None, &bad)?;
-                if delete.is_none() {
-                    delete = Some(
-                        client
-                            .prepare_typed(&sql.delete_one, &vec![Type::TEXT; sql.columns])
-                            .await
-                            .map_err(|e| db_error(target, e))?,
-                    );
-                }
-                let stmt = delete.as_ref().ok_or_else(|| bad("no statement".into()))?;
-                let n = client
-                    .execute_raw(stmt, params.iter().map(|p| p.as_deref()))
-                    .await
-                    .map_err(|e| db_error(target, e))?;
+                let params = texts(table, old_row()?, None, &bad)?;
+                let changed =
+                    change_one(client, &mut delete, &sql.delete_one, &params, target).await?;
                 stats.deletes += 1;
-                stats.missing += u64::from(n == 0);
+                stats.missing += u64::from(!changed);
             }
             Op::Truncate => {}
         }

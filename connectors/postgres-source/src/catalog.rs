@@ -209,38 +209,76 @@ pub async fn published_tables(client: &Client, name: &str) -> Result<Vec<TableId
         .collect())
 }
 
-/// Adds `tables` to the publication.
-pub async fn add_to_publication(
-    client: &Client,
-    name: &str,
-    tables: &[TableId],
-) -> Result<(), SourceError> {
-    let list: Vec<String> = tables.iter().map(quote_table).collect();
-    client
-        .batch_execute(&format!(
-            "ALTER PUBLICATION {} ADD TABLE {}",
-            quote_ident(name),
-            list.join(", ")
-        ))
+/// Installs (once per database) the event trigger that writes a transactional logical message
+/// with prefix [`crate::DDL_PREFIX`] into each transaction that creates, drops or alters a
+/// table, so that the source checks its catalog as soon as that transaction arrives.
+pub async fn install_ddl_trigger(client: &Client, database: &str) -> Result<(), SourceError> {
+    let installed: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'bitclone9_ddl')",
+            &[],
+        )
         .await
-        .map_err(q("adding new tables to the publication"))
+        .map_err(q("looking for the DDL trigger"))?
+        .get(0);
+    if installed {
+        return Ok(());
+    }
+    let sql = format!(
+        "CREATE OR REPLACE FUNCTION public.bitclone9_ddl_note() RETURNS event_trigger
+           LANGUAGE plpgsql AS $f$
+           BEGIN PERFORM pg_logical_emit_message(true, '{prefix}', tg_tag); END $f$;
+         CREATE EVENT TRIGGER bitclone9_ddl ON ddl_command_end
+           WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'DROP TABLE', 'ALTER TABLE')
+           EXECUTE FUNCTION public.bitclone9_ddl_note()",
+        prefix = crate::DDL_PREFIX
+    );
+    client.batch_execute(&sql).await.map_err(|e| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            SourceError::Misconfigured {
+                problem: format!(
+                    "ddl_trigger = true, but the role may not create event triggers in database {database}"
+                ),
+                fix: "create it once as a superuser (README.md, `ddl_trigger`, has the SQL), or set ddl_trigger = false (new tables are then found by new_table_check_interval)".into(),
+            }
+        } else {
+            SourceError::from_postgres("installing the DDL trigger", e)
+        }
+    })?;
+    tracing::info!(
+        database,
+        "installed event trigger bitclone9_ddl: table changes are noted in the WAL"
+    );
+    Ok(())
 }
 
-/// Removes `tables` from the publication.
-pub async fn remove_from_publication(
+/// What [`alter_publication`] does with its tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicationChange {
+    Add,
+    Drop,
+}
+
+/// Adds `tables` to the publication, or removes them from it.
+pub async fn alter_publication(
     client: &Client,
     name: &str,
+    change: PublicationChange,
     tables: &[TableId],
 ) -> Result<(), SourceError> {
+    let (verb, what) = match change {
+        PublicationChange::Add => ("ADD", "adding new tables to the publication"),
+        PublicationChange::Drop => ("DROP", "removing tables from the publication"),
+    };
     let list: Vec<String> = tables.iter().map(quote_table).collect();
     client
         .batch_execute(&format!(
-            "ALTER PUBLICATION {} DROP TABLE {}",
+            "ALTER PUBLICATION {} {verb} TABLE {}",
             quote_ident(name),
             list.join(", ")
         ))
         .await
-        .map_err(q("removing tables from the publication"))
+        .map_err(q(what))
 }
 
 /// The slot as `pg_replication_slots` shows it.

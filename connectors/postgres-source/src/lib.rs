@@ -19,7 +19,9 @@
 
 pub mod catalog;
 pub mod pgoutput;
+mod snapshot;
 pub mod spool;
+mod stream;
 pub mod types;
 
 use bitclone9_core::{Change, Lsn, Op, Row, SnapshotMark, TableId, TableSchema, TxInfo, Value};
@@ -33,12 +35,19 @@ use std::time::Duration;
 use tokio::sync::watch;
 use types::PgType;
 
+pub use snapshot::parse_copy_line;
+use snapshot::{begin_resync, import_snapshot, SnapshotState};
+use stream::Replaying;
+
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// Upper bound of events handed over by one `next_batch` call.
 const MAX_BATCH: usize = 4096;
 /// Prefix of the logical messages the source writes as heartbeats.
 pub const HEARTBEAT_PREFIX: &str = "bitclone9.heartbeat";
+/// Prefix of the logical messages the DDL trigger (`ddl_trigger = true`) writes in a
+/// transaction that creates, drops or alters a table.
+pub const DDL_PREFIX: &str = "bitclone9.ddl";
 
 /// Whether to read the tables' existing rows before streaming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +174,9 @@ pub struct PostgresSourceConfig {
     pub logical_decoding_work_mem: Option<String>,
     /// Where streamed transactions wait for their commit.
     pub spool_dir: std::path::PathBuf,
+    /// Install an event trigger in the source database that notes each CREATE/DROP/ALTER TABLE
+    /// in the WAL, so new and dropped tables are found at once, not at the next catalog check.
+    pub ddl_trigger: bool,
 }
 
 /// What the daemon remembers of this source between runs.
@@ -274,25 +286,6 @@ impl AckHandle {
             raise
         });
     }
-}
-
-struct SnapshotState {
-    tables: VecDeque<Arc<TableSchema>>,
-    current: Option<(
-        Arc<TableSchema>,
-        std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
-    )>,
-    partial: BytesMut,
-    seq: u64,
-    consistent_point: Lsn,
-    started_us: i64,
-    /// The last row read, held back so the very last one can be marked as such.
-    held: Option<Change>,
-    /// The resync requests this snapshot answers.
-    resync: Vec<TableId>,
-    /// A resync's snapshot comes from a temporary slot, not the source's own: streaming then
-    /// resumes where it was, and no snapshot is recorded as done.
-    resync_only: bool,
 }
 
 enum Phase {
@@ -435,14 +428,8 @@ pub struct PostgresSource {
     spools: Option<spool::Spools>,
     /// A committed streamed transaction being handed over; the stream waits meanwhile.
     replaying: Option<Replaying>,
-}
-
-/// A streamed transaction read back from its spool at its commit.
-#[derive(Debug)]
-struct Replaying {
-    replay: spool::Replay,
-    end_lsn: Lsn,
-    changes: u64,
+    /// The DDL trigger noted a table change: check the catalog now.
+    catalog_check_due: bool,
 }
 
 /// What a catalog check found since the last one.
@@ -527,6 +514,11 @@ impl PostgresSource {
         Ok(CatalogChanges { new, dropped })
     }
 
+    /// Whether the DDL trigger noted a table change since the last call: check the catalog.
+    pub fn take_catalog_check_due(&mut self) -> bool {
+        std::mem::take(&mut self.catalog_check_due)
+    }
+
     /// Tables that match include/exclude but are left out for want of a replica identity.
     pub fn left_out(&self) -> &[TableId] {
         &self.left_out
@@ -554,6 +546,9 @@ impl PostgresSource {
         );
         let sql = connect_sql(&cfg).await?;
         catalog::check_server(&sql, &cfg.endpoint.user).await?;
+        if cfg.ddl_trigger {
+            catalog::install_ddl_trigger(&sql, &cfg.endpoint.database).await?;
+        }
         let selection = catalog::select_tables(&sql, &cfg.include, &cfg.exclude).await?;
         let mut tables = selection.tables;
         let mut left_out = Vec::new();
@@ -587,7 +582,14 @@ impl PostgresSource {
         if !unmatched.is_empty() {
             // include/exclude changed: stop capturing those tables.
             let names: Vec<String> = unmatched.iter().map(ToString::to_string).collect();
-            match catalog::remove_from_publication(&sql, &cfg.publication, &unmatched).await {
+            match catalog::alter_publication(
+                &sql,
+                &cfg.publication,
+                catalog::PublicationChange::Drop,
+                &unmatched,
+            )
+            .await
+            {
                 Ok(()) => {
                     tracing::info!(source = %cfg.name, tables = %names.join(", "),
                         "tables no longer matching include/exclude removed from the publication");
@@ -618,7 +620,13 @@ impl PostgresSource {
                     }
                 }
             }
-            catalog::add_to_publication(&sql, &cfg.publication, &new).await?;
+            catalog::alter_publication(
+                &sql,
+                &cfg.publication,
+                catalog::PublicationChange::Add,
+                &new,
+            )
+            .await?;
             tracing::info!(source = %cfg.name, tables = %names.join(", "), read = cfg.snapshot == SnapshotMode::Initial,
                 "new tables matching include added to the publication");
             metrics::counter!("bitclone9_source_tables_added_total", "connector" => cfg.name.clone())
@@ -781,6 +789,7 @@ impl PostgresSource {
             published,
             spools,
             replaying: None,
+            catalog_check_due: false,
         };
         if matches!(source.phase, Phase::Streaming) {
             source.start_stream().await?;
@@ -825,537 +834,6 @@ impl PostgresSource {
         self.stream_started = true;
         tracing::info!(source = %self.cfg.name, slot = %self.cfg.slot, "streaming started");
         Ok(())
-    }
-
-    /// Hands over the next events (at least one) in WAL order.
-    pub async fn next_batch(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), SourceError> {
-        if let Phase::Snapshot(_) = self.phase {
-            return self.next_snapshot_batch(out).await;
-        }
-        if let Some(consistent_point) = self.announce_snapshot_done.take() {
-            out.push(SourceEvent::SnapshotDone { consistent_point });
-            return Ok(());
-        }
-        if self.replaying.is_some() {
-            return self.next_replay_batch(out).await;
-        }
-        let first = loop {
-            tokio::select! {
-                ev = self.repl.recv() => break ev,
-                changed = self.acked_rx.changed() => {
-                    if changed.is_ok() {
-                        let lsn = *self.acked_rx.borrow_and_update();
-                        self.repl.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
-                    }
-                }
-                _ = self.heartbeat.tick() => {
-                    // A hung catalog connection must not stop the stream from being read.
-                    if tokio::time::timeout(self.cfg.endpoint.connect_timeout, self.write_heartbeat()).await.is_err() {
-                        tracing::warn!(source = %self.cfg.name, "heartbeat timed out");
-                    }
-                }
-            }
-        };
-        self.handle_event(first, out).await?;
-        // A committed streamed transaction is handed over before anything after it.
-        while out.len() < MAX_BATCH && self.replaying.is_none() {
-            match self.repl.recv().now_or_never() {
-                Some(ev) => self.handle_event(ev, out).await?,
-                None => break,
-            }
-        }
-        if self.acked_rx.has_changed().unwrap_or(false) {
-            let lsn = *self.acked_rx.borrow_and_update();
-            self.repl
-                .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
-        }
-        Ok(())
-    }
-
-    /// Writes a non-transactional logical message into this database's WAL so the slot has
-    /// something of its own to confirm even when the captured tables are idle.
-    async fn write_heartbeat(&self) {
-        if let Err(e) = self
-            .sql
-            .execute(
-                "SELECT pg_logical_emit_message(false, $1, '')",
-                &[&HEARTBEAT_PREFIX],
-            )
-            .await
-        {
-            tracing::warn!(source = %self.cfg.name, error = %e, "could not write a heartbeat; an idle database may retain WAL (grant EXECUTE on pg_logical_emit_message to the role)");
-        }
-        // How far the slot trails the server, and how much WAL it keeps: the two numbers an
-        // operator watches so the disk never fills.
-        match self
-            .sql
-            .query_opt(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8,
-                        pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.cfg.slot],
-            )
-            .await
-        {
-            Ok(Some(row)) => {
-                let name = self.cfg.name.clone();
-                if let Some(lag) = row.get::<_, Option<f64>>(0) {
-                    metrics::gauge!("bitclone9_source_slot_lag_bytes", "connector" => name.clone())
-                        .set(lag);
-                }
-                if let Some(retained) = row.get::<_, Option<f64>>(1) {
-                    metrics::gauge!("bitclone9_source_retained_wal_bytes", "connector" => name)
-                        .set(retained);
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(source = %self.cfg.name, error = %e, "could not read the slot's lag")
-            }
-        }
-    }
-
-    async fn handle_event(
-        &mut self,
-        ev: pgwire_replication::Result<Option<ReplicationEvent>>,
-        out: &mut Vec<SourceEvent>,
-    ) -> Result<(), SourceError> {
-        let ev = ev
-            .map_err(|e| stream_err("reading the replication stream", e))?
-            .ok_or_else(|| SourceError::Stream("the server ended the replication stream".into()))?;
-        match ev {
-            ReplicationEvent::Begin {
-                final_lsn,
-                xid,
-                commit_time_micros,
-            } => {
-                self.tx = Some(TxInfo {
-                    xid: Some(xid),
-                    commit_lsn: Lsn(final_lsn.as_u64()),
-                    commit_time_us: commit_time_micros + PG_EPOCH_OFFSET_US,
-                });
-                self.seq = 0;
-            }
-            ReplicationEvent::Commit { end_lsn, .. } => {
-                self.tx = None;
-                out.push(SourceEvent::Commit {
-                    end_lsn: Lsn(end_lsn.as_u64()),
-                });
-            }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                if self.tx.is_none() && !wal_end.is_zero() {
-                    out.push(SourceEvent::Progress {
-                        lsn: Lsn(wal_end.as_u64()),
-                    });
-                }
-            }
-            ReplicationEvent::Message {
-                transactional, lsn, ..
-            } => {
-                if !transactional && self.tx.is_none() {
-                    out.push(SourceEvent::Progress {
-                        lsn: Lsn(lsn.as_u64()),
-                    });
-                }
-            }
-            ReplicationEvent::XLogData { data, .. } => {
-                if self.spools.is_some() {
-                    self.handle_streamed(&data, out).await?;
-                } else {
-                    self.handle_message(&data, out).await?;
-                }
-            }
-            ReplicationEvent::StoppedAt { .. } => {
-                return Err(SourceError::Stream("the stream stopped".into()));
-            }
-        }
-        Ok(())
-    }
-
-    async fn handle_message(
-        &mut self,
-        data: &Bytes,
-        out: &mut Vec<SourceEvent>,
-    ) -> Result<(), SourceError> {
-        let msg = pgoutput::decode(data)?;
-        // `full_old`: the old row is complete (REPLICA IDENTITY FULL), not just its key.
-        let (op, relation_id, before, after, full_old) = match msg {
-            Message::Relation {
-                relation_id,
-                namespace,
-                name,
-                columns,
-                replica_identity,
-            } => {
-                // The key as the WAL describes it (the replica identity, which old rows carry),
-                // not today's catalog. Under REPLICA IDENTITY FULL every column is flagged, so
-                // the primary key is taken from the catalog instead.
-                let key = if replica_identity == b'f' {
-                    catalog::key_columns(&self.sql, relation_id).await?
-                } else {
-                    columns
-                        .iter()
-                        .filter(|c| c.is_identity)
-                        .map(|c| c.name.clone())
-                        .collect()
-                };
-                let cols: Vec<(String, u32, i32)> = columns
-                    .iter()
-                    .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
-                    .collect();
-                // Numbers from today's catalog, which may be ahead of this message (later DDL)
-                // or even behind it (the walsender can send a transaction a moment before its
-                // commit is visible to other sessions): found by name, else by place.
-                let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
-                let mut numbers = catalog::infer_attnums(
-                    &names,
-                    &catalog::catalog_columns(&self.sql, relation_id).await?,
-                );
-                if numbers.iter().any(Option::is_none) {
-                    // A commit not visible yet becomes so within moments: ask once more.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    numbers = catalog::infer_attnums(
-                        &names,
-                        &catalog::catalog_columns(&self.sql, relation_id).await?,
-                    );
-                }
-                let mut attnums: HashMap<String, i16> = names
-                    .iter()
-                    .zip(&numbers)
-                    .filter_map(|(n, a)| a.map(|a| (n.clone(), a)))
-                    .collect();
-                // A column dropped since keeps the number the previous shape had for its name.
-                if let Some(previous) = self.relations.get(&relation_id) {
-                    for c in &previous.columns {
-                        if let Some(n) = c.attnum {
-                            if names.contains(&c.name)
-                                && !attnums.contains_key(&c.name)
-                                && !attnums.values().any(|v| *v == n)
-                            {
-                                attnums.insert(c.name.clone(), n);
-                            }
-                        }
-                    }
-                }
-                let columns = catalog::describe_columns(
-                    &self.sql,
-                    &mut self.known_types,
-                    &cols,
-                    &key,
-                    &attnums,
-                )
-                .await?;
-                let schema = TableSchema {
-                    id: TableId::new(namespace, name),
-                    relation_id,
-                    columns,
-                };
-                tracing::debug!(source = %self.cfg.name, table = %schema.id, "relation described");
-                self.relations.insert(relation_id, Arc::new(schema));
-                return Ok(());
-            }
-            Message::Insert { relation_id, new } => {
-                (Op::Insert, relation_id, None, Some(new), false)
-            }
-            Message::Update {
-                relation_id,
-                old,
-                new,
-                old_is_key_only,
-            } => (Op::Update, relation_id, old, Some(new), !old_is_key_only),
-            Message::Delete {
-                relation_id,
-                old,
-                old_is_key_only,
-            } => (Op::Delete, relation_id, Some(old), None, !old_is_key_only),
-            Message::Truncate { relation_ids, .. } => {
-                let tx = self.current_tx();
-                for id in relation_ids {
-                    let table = self.relation(id)?;
-                    out.push(SourceEvent::Change(Change {
-                        table,
-                        op: Op::Truncate,
-                        before: None,
-                        after: None,
-                        tx,
-                        seq: self.next_seq(),
-                        snapshot: SnapshotMark::No,
-                    }));
-                }
-                return Ok(());
-            }
-            Message::Type { .. } | Message::Origin | Message::Other(_) => return Ok(()),
-        };
-        let table = self.relation(relation_id)?;
-        let before = before.map(|t| parse_tuple(&table, &t)).transpose()?;
-        let mut after = after.map(|t| parse_tuple(&table, &t)).transpose()?;
-        // Under REPLICA IDENTITY FULL the old row has the unchanged TOAST values: use them. A
-        // key-only old row has NULL in the other columns, which must not replace the marker.
-        if let (true, Some(b), Some(a)) = (full_old, &before, &mut after) {
-            for (new, old) in a.iter_mut().zip(b) {
-                if *new == Value::UnchangedToast
-                    && !matches!(old, Value::UnchangedToast | Value::Null)
-                {
-                    *new = old.clone();
-                }
-            }
-        }
-        let tx = self.current_tx();
-        out.push(SourceEvent::Change(Change {
-            table,
-            op,
-            before,
-            after,
-            tx,
-            seq: self.next_seq(),
-            snapshot: SnapshotMark::No,
-        }));
-        Ok(())
-    }
-
-    /// A message under streaming: the frame of a streamed transaction, a message inside one of
-    /// its segments (spooled), or one of a transaction sent whole.
-    async fn handle_streamed(
-        &mut self,
-        data: &Bytes,
-        out: &mut Vec<SourceEvent>,
-    ) -> Result<(), SourceError> {
-        let Some(spools) = self.spools.as_mut() else {
-            return self.handle_message(data, out).await;
-        };
-        let name = &self.cfg.name;
-        match pgoutput::stream_control(data)? {
-            Some(StreamControl::Start { xid, first }) => {
-                if first {
-                    tracing::debug!(source = %name, xid, "streamed transaction begins");
-                }
-                spools.start(xid, first)?;
-            }
-            Some(StreamControl::Stop) => {
-                spools.stop();
-                metrics::gauge!("bitclone9_source_spool_bytes", "connector" => name.clone())
-                    .set(spools.bytes() as f64);
-            }
-            Some(StreamControl::Abort { xid, subxid }) => {
-                spools.abort(xid, subxid);
-                if xid == subxid {
-                    tracing::debug!(source = %name, xid, "streamed transaction rolled back");
-                    metrics::counter!("bitclone9_source_streamed_transactions_total",
-                        "connector" => name.clone(), "outcome" => "aborted")
-                    .increment(1);
-                }
-            }
-            Some(StreamControl::Commit {
-                xid,
-                commit_lsn,
-                end_lsn,
-                commit_time,
-            }) => {
-                let replay = spools.commit(xid)?;
-                tracing::info!(source = %name, xid, lsn = %Lsn(commit_lsn), spooled_bytes = replay.bytes,
-                    "streamed transaction committed: handing it over from its spool");
-                self.tx = Some(TxInfo {
-                    xid: Some(xid),
-                    commit_lsn: Lsn(commit_lsn),
-                    commit_time_us: commit_time + PG_EPOCH_OFFSET_US,
-                });
-                self.seq = 0;
-                self.replaying = Some(Replaying {
-                    replay,
-                    end_lsn: Lsn(end_lsn),
-                    changes: 0,
-                });
-            }
-            None if spools.in_segment() => {
-                let (tag, subxid, body) = pgoutput::split_xid(data)?;
-                // Logical messages inside a transaction carry nothing to capture.
-                if tag != b'M' {
-                    spools.append(tag, subxid, body)?;
-                }
-            }
-            None => self.handle_message(data, out).await?,
-        }
-        Ok(())
-    }
-
-    /// Hands over the next part of a committed streamed transaction, and its commit at the end.
-    async fn next_replay_batch(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), SourceError> {
-        while out.len() < MAX_BATCH {
-            let Some(r) = self.replaying.as_mut() else {
-                break;
-            };
-            match r.replay.next_message()? {
-                Some(msg) => {
-                    let before = out.len();
-                    self.handle_message(&msg, out).await?;
-                    if let Some(r) = self.replaying.as_mut() {
-                        r.changes += (out.len() - before) as u64;
-                    }
-                }
-                None => {
-                    let end_lsn = r.end_lsn;
-                    let changes = r.changes;
-                    self.replaying = None;
-                    self.tx = None;
-                    out.push(SourceEvent::Commit { end_lsn });
-                    tracing::debug!(source = %self.cfg.name, changes, lsn = %end_lsn, "streamed transaction handed over");
-                    metrics::counter!("bitclone9_source_streamed_transactions_total",
-                        "connector" => self.cfg.name.clone(), "outcome" => "committed")
-                    .increment(1);
-                    if let Some(spools) = &self.spools {
-                        metrics::gauge!("bitclone9_source_spool_bytes", "connector" => self.cfg.name.clone())
-                            .set(spools.bytes() as f64);
-                    }
-                    break;
-                }
-            }
-        }
-        if self.acked_rx.has_changed().unwrap_or(false) {
-            let lsn = *self.acked_rx.borrow_and_update();
-            self.repl
-                .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
-        }
-        Ok(())
-    }
-
-    fn current_tx(&self) -> TxInfo {
-        self.tx.unwrap_or(TxInfo {
-            xid: None,
-            commit_lsn: Lsn(0),
-            commit_time_us: 0,
-        })
-    }
-
-    fn next_seq(&mut self) -> u64 {
-        let s = self.seq;
-        self.seq += 1;
-        s
-    }
-
-    fn relation(&self, id: u32) -> Result<Arc<TableSchema>, SourceError> {
-        self.relations
-            .get(&id)
-            .cloned()
-            .ok_or(SourceError::UnknownRelation(id))
-    }
-
-    async fn next_snapshot_batch(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), SourceError> {
-        let Phase::Snapshot(state) = &mut self.phase else {
-            return Ok(());
-        };
-        loop {
-            if state.current.is_none() {
-                let Some(table) = state.tables.pop_front() else {
-                    break;
-                };
-                let cols: Vec<String> = table
-                    .columns
-                    .iter()
-                    .map(|c| catalog::quote_ident(&c.name))
-                    .collect();
-                // A partitioned table's rows live in its partitions (published under the root);
-                // a plain table's inheritance children are tables of their own.
-                let partitioned: bool = self
-                    .sql
-                    .query_one(
-                        "SELECT relkind = 'p' FROM pg_class WHERE oid = $1",
-                        &[&table.relation_id],
-                    )
-                    .await
-                    .map_err(|e| SourceError::from_postgres("reading the table's kind", e))?
-                    .get(0);
-                let copy = format!(
-                    "COPY (SELECT {} FROM {}{}) TO STDOUT",
-                    cols.join(", "),
-                    if partitioned { "" } else { "ONLY " },
-                    catalog::quote_table(&table.id)
-                );
-                let stream = self
-                    .sql
-                    .copy_out(copy.as_str())
-                    .await
-                    .map_err(|e| SourceError::from_postgres("starting the snapshot COPY", e))?;
-                tracing::info!(source = %self.cfg.name, table = %table.id, "snapshot of table started");
-                state.seq = 0;
-                // The snapshot replaces the table's content: consumers drop what they hold,
-                // including rows of an earlier, interrupted snapshot that no longer exist.
-                out.push(SourceEvent::Change(Change {
-                    table: table.clone(),
-                    op: Op::Truncate,
-                    before: None,
-                    after: None,
-                    tx: TxInfo {
-                        xid: None,
-                        commit_lsn: state.consistent_point,
-                        commit_time_us: state.started_us,
-                    },
-                    seq: 0,
-                    snapshot: SnapshotMark::Yes,
-                }));
-                state.current = Some((table, Box::pin(stream)));
-            }
-            let Some((table, stream)) = &mut state.current else {
-                continue;
-            };
-            match stream.next().await {
-                Some(chunk) => {
-                    let chunk = chunk
-                        .map_err(|e| SourceError::from_postgres("reading the snapshot COPY", e))?;
-                    state.partial.extend_from_slice(&chunk);
-                    let tx = TxInfo {
-                        xid: None,
-                        commit_lsn: state.consistent_point,
-                        commit_time_us: state.started_us,
-                    };
-                    while let Some(nl) = state.partial.iter().position(|&b| b == b'\n') {
-                        let line = state.partial.split_to(nl + 1);
-                        let row = parse_copy_line(table, &line[..nl])?;
-                        let change = Change {
-                            table: table.clone(),
-                            op: Op::Read,
-                            before: None,
-                            after: Some(row),
-                            tx,
-                            seq: state.seq,
-                            snapshot: SnapshotMark::Yes,
-                        };
-                        state.seq += 1;
-                        if let Some(prev) = state.held.replace(change) {
-                            out.push(SourceEvent::Change(prev));
-                        }
-                    }
-                    // PostgreSQL sends a COPY row per message: fill a whole batch rather than
-                    // hand over one row at a time (the per-batch work would dominate).
-                    if out.len() >= MAX_BATCH {
-                        return Ok(());
-                    }
-                }
-                None => {
-                    tracing::info!(source = %self.cfg.name, table = %table.id, rows = state.seq, "snapshot of table done");
-                    state.current = None;
-                }
-            }
-        }
-        // Every table is read: mark the last row, end the snapshot transaction, start streaming.
-        if let Some(mut last) = state.held.take() {
-            last.snapshot = SnapshotMark::Last;
-            out.push(SourceEvent::Change(last));
-        }
-        let consistent_point = state.consistent_point;
-        let resync = std::mem::take(&mut state.resync);
-        let resync_only = state.resync_only;
-        self.sql
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| SourceError::from_postgres("ending the snapshot transaction", e))?;
-        self.phase = Phase::Streaming;
-        if !resync_only {
-            out.push(SourceEvent::SnapshotDone { consistent_point });
-        }
-        if !resync.is_empty() {
-            out.push(SourceEvent::ResyncDone { tables: resync });
-        }
-        self.start_stream().await
     }
 
     /// Stops the replication session, confirming `final_lsn` first.
@@ -1413,23 +891,6 @@ fn created_slot(
     Ok((consistent_point, text(2)))
 }
 
-/// Opens the read-only transaction that sees exactly the slot's exported snapshot.
-async fn import_snapshot(
-    sql: &tokio_postgres::Client,
-    snapshot_name: Option<String>,
-    what: &'static str,
-) -> Result<(), SourceError> {
-    let name = snapshot_name.ok_or_else(|| {
-        SourceError::Stream("CREATE_REPLICATION_SLOT exported no snapshot".into())
-    })?;
-    sql.batch_execute(&format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-        catalog::quote_literal(&name)
-    ))
-    .await
-    .map_err(|e| SourceError::from_postgres(what, e))
-}
-
 /// The replication session settings of `cfg`, for the slot `slot`.
 fn replication_config(cfg: &PostgresSourceConfig, slot: &str) -> ReplicationConfig {
     ReplicationConfig::new(
@@ -1449,79 +910,6 @@ fn replication_config(cfg: &PostgresSourceConfig, slot: &str) -> ReplicationConf
     .with_application_name(format!("bitclone9-{}", cfg.name))
 }
 
-/// Prepares the snapshot that reads `requested` tables again while the source's own slot
-/// waits where it was.
-///
-/// The rows must fit into the change stream exactly: a temporary slot created now exports a
-/// snapshot that holds every transaction committed before its consistent point `P`, and
-/// none after. The rows (and the truncate that opens each table) are stamped with `P`, so
-/// consumers that compare positions drop the older changes the stream replays afterwards
-/// (they are in the rows) and apply the later ones. The slot only lives for the import.
-async fn begin_resync(
-    cfg: &PostgresSourceConfig,
-    sql: &tokio_postgres::Client,
-    published: &[TableId],
-    known_types: &mut HashMap<u32, types::PgType>,
-    requested: &[TableId],
-) -> Result<SnapshotState, SourceError> {
-    let (tables, gone): (Vec<TableId>, Vec<TableId>) = requested
-        .iter()
-        .cloned()
-        .partition(|t| published.contains(t));
-    for t in &gone {
-        tracing::warn!(source = %cfg.name, table = %t, "resync skipped: the table is not captured by this source (any more)");
-    }
-    let mut state = SnapshotState {
-        tables: VecDeque::new(),
-        current: None,
-        partial: BytesMut::new(),
-        seq: 0,
-        consistent_point: Lsn(0),
-        started_us: now_us(),
-        held: None,
-        resync: requested.to_vec(),
-        resync_only: true,
-    };
-    // Unique per process: a temporary slot of an earlier session may not be released yet.
-    let mut slot: String = cfg.slot.chars().take(44).collect();
-    slot.push_str(&format!("_resync_{}", std::process::id()));
-    let target = format!(
-        "{}:{} (database {})",
-        cfg.endpoint.host, cfg.endpoint.port, cfg.endpoint.database
-    );
-    let mut repl = ReplicationClient::connect_gated(replication_config(cfg, &slot))
-        .await
-        .map_err(|e| unreachable(target, e.to_string(), &cfg.endpoint.tls))?;
-    let rows = repl
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
-            catalog::quote_ident(&slot)
-        ))
-        .await
-        .map_err(|e| match e {
-            pgwire_replication::PgWireError::Server(msg) => SourceError::Misconfigured {
-                problem: format!("cannot create the temporary slot '{slot}' a resync reads from: {msg}"),
-                fix: "a resync needs one free replication slot and walsender (max_replication_slots, max_wal_senders)".into(),
-            },
-            e => stream_err("creating the resync's temporary slot", e),
-        })?;
-    let (consistent_point, snapshot_name) = created_slot(&rows)?;
-    state.consistent_point = consistent_point;
-    import_snapshot(sql, snapshot_name, "importing the resync's snapshot").await?;
-    // The importing transaction now holds the snapshot: the temporary slot can go.
-    drop(repl);
-    for t in &tables {
-        state
-            .tables
-            .push_back(Arc::new(catalog::table_schema(sql, known_types, t).await?));
-    }
-    let names: Vec<String> = tables.iter().map(ToString::to_string).collect();
-    tracing::info!(source = %cfg.name, tables = %names.join(", "), lsn = %state.consistent_point, "resync: reading tables again");
-    metrics::counter!("bitclone9_source_resyncs_total", "connector" => cfg.name.clone())
-        .increment(tables.len() as u64);
-    Ok(state)
-}
-
 fn stream_err(what: &str, e: pgwire_replication::PgWireError) -> SourceError {
     match e {
         pgwire_replication::PgWireError::Server(msg) if !msg.contains("terminating connection") => {
@@ -1531,164 +919,5 @@ fn stream_err(what: &str, e: pgwire_replication::PgWireError) -> SourceError {
             }
         }
         e => SourceError::Stream(format!("{what}: {e}")),
-    }
-}
-
-fn parse_tuple(table: &TableSchema, tuple: &[TupleValue]) -> Result<Row, SourceError> {
-    if tuple.len() != table.columns.len() {
-        return Err(SourceError::Stream(format!(
-            "table {}: row has {} columns, relation has {}",
-            table.id,
-            tuple.len(),
-            table.columns.len()
-        )));
-    }
-    tuple
-        .iter()
-        .zip(&table.columns)
-        .map(|(v, col)| match v {
-            TupleValue::Null => Ok(Value::Null),
-            TupleValue::UnchangedToast => Ok(Value::UnchangedToast),
-            TupleValue::Text(b) | TupleValue::Binary(b) => {
-                let text = std::str::from_utf8(b).map_err(|_| SourceError::Value {
-                    table: table.id.clone(),
-                    column: col.name.clone(),
-                    error: Box::new(types::ValueError {
-                        ty: col.pg_type.clone(),
-                        text: String::from_utf8_lossy(b).into_owned(),
-                        why: "not UTF-8",
-                    }),
-                })?;
-                types::parse_text(&col.ty, text).map_err(|error| SourceError::Value {
-                    table: table.id.clone(),
-                    column: col.name.clone(),
-                    error: Box::new(error),
-                })
-            }
-        })
-        .collect()
-}
-
-/// Parses one line of `COPY ... TO STDOUT` text format.
-pub fn parse_copy_line(table: &TableSchema, line: &[u8]) -> Result<Row, SourceError> {
-    let mut row = Vec::with_capacity(table.columns.len());
-    let mut fields = line.split(|&b| b == b'\t');
-    for col in &table.columns {
-        let field = fields.next().ok_or_else(|| {
-            SourceError::Stream(format!("table {}: COPY row has too few columns", table.id))
-        })?;
-        if field == b"\\N" {
-            row.push(Value::Null);
-            continue;
-        }
-        let raw = copy_unescape(field);
-        let text = std::str::from_utf8(&raw).map_err(|_| {
-            SourceError::Stream(format!(
-                "table {}, column {}: COPY value is not UTF-8",
-                table.id, col.name
-            ))
-        })?;
-        row.push(
-            types::parse_text(&col.ty, text).map_err(|error| SourceError::Value {
-                table: table.id.clone(),
-                column: col.name.clone(),
-                error: Box::new(error),
-            })?,
-        );
-    }
-    Ok(row)
-}
-
-/// Undoes COPY text-format escaping (`\\`, `\n`, `\t`, octal and `\x` forms).
-fn copy_unescape(field: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if !field.contains(&b'\\') {
-        return std::borrow::Cow::Borrowed(field);
-    }
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let b = field[i];
-        i += 1;
-        if b != b'\\' || i >= field.len() {
-            out.push(b);
-            continue;
-        }
-        let c = field[i];
-        i += 1;
-        match c {
-            b'b' => out.push(8),
-            b'f' => out.push(12),
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'v' => out.push(11),
-            b'0'..=b'7' => {
-                let mut v = u32::from(c - b'0');
-                for _ in 0..2 {
-                    match field.get(i) {
-                        Some(&d @ b'0'..=b'7') => {
-                            v = v * 8 + u32::from(d - b'0');
-                            i += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                out.push(v as u8);
-            }
-            b'x' => {
-                let mut v = 0u32;
-                let mut n = 0;
-                while n < 2 {
-                    match field.get(i).and_then(|d| (*d as char).to_digit(16)) {
-                        Some(d) => {
-                            v = v * 16 + d;
-                            i += 1;
-                            n += 1;
-                        }
-                        None => break,
-                    }
-                }
-                if n == 0 {
-                    out.push(b'x');
-                } else {
-                    out.push(v as u8);
-                }
-            }
-            other => out.push(other),
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bitclone9_core::{Column, ColumnType};
-
-    fn table() -> TableSchema {
-        let col = |name: &str, ty| Column {
-            name: name.into(),
-            ty,
-            pg_type: "x".into(),
-            type_oid: 0,
-            is_key: name == "id",
-            attnum: None,
-        };
-        TableSchema {
-            id: TableId::new("public", "t"),
-            relation_id: 1,
-            columns: vec![col("id", ColumnType::Int64), col("note", ColumnType::Text)],
-        }
-    }
-
-    #[test]
-    fn copy_lines_unescape_and_nulls() {
-        let row = parse_copy_line(&table(), b"7\ta\\tb\\\\c\\nd\\101").expect("parses");
-        assert_eq!(row, vec![Value::Long(7), Value::Text("a\tb\\c\ndA".into())]);
-        let row = parse_copy_line(&table(), b"8\t\\N").expect("parses");
-        assert_eq!(row, vec![Value::Long(8), Value::Null]);
-        assert!(parse_copy_line(&table(), b"8").is_err());
-        let err = parse_copy_line(&table(), b"x\tn").expect_err("bad int");
-        assert!(err.to_string().contains("column id"), "{err}");
     }
 }

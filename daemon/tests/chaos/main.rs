@@ -359,6 +359,7 @@ database = "{db}"
 heartbeat_interval = "1s"
 status_interval = "200ms"
 # Large transactions are streamed while they run (and spooled until they commit).
+stream_large_transactions = true
 logical_decoding_work_mem = "64kB"
 [sources.{db}.topics]
 partitions = 3

@@ -17,9 +17,9 @@
 //! insert into `line`, so that an event of the new shape reaches Kafka with it.
 //!
 //! About one transaction in twenty is large (20–220 writes, some with TOASTed bodies); a third
-//! of those first write and roll back a savepoint. The daemon runs with a
-//! `logical_decoding_work_mem` of 64kB, so PostgreSQL streams these while they run, rolled-back
-//! savepoints included.
+//! of those first write and roll back a savepoint. The daemon runs with
+//! `stream_large_transactions` and a `logical_decoding_work_mem` of 64kB, so PostgreSQL streams
+//! these while they run, rolled-back savepoints included.
 
 use crate::check::{Effect, History, Key};
 use crate::connect_retrying;
