@@ -514,15 +514,26 @@ fn metrics_docs_dashboard_and_alerts_agree_with_the_code() {
             })
             .collect()
     };
+    // Every source file of the daemon and the connectors.
     let mut code = String::new();
-    for f in [
-        "daemon/src/pipeline.rs",
-        "daemon/src/status.rs",
-        "daemon/src/sink.rs",
-        "connectors/kafka/src/lib.rs",
-        "connectors/postgres-source/src/lib.rs",
+    for dir in [
+        "daemon/src",
+        "daemon/src/sink",
+        "connectors/core/src",
+        "connectors/kafka/src",
+        "connectors/postgres-source/src",
+        "connectors/postgres-sink/src",
     ] {
-        code.push_str(&read(f));
+        let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+            .collect();
+        files.sort();
+        for f in files {
+            code.push_str(&std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{f:?}: {e}")));
+        }
     }
     let exported = names(&code);
     assert!(

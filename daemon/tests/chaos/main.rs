@@ -13,7 +13,8 @@
 //! `BC9_CHAOS_CYCLES` (default 5), `BC9_CHAOS_SCALE` (fault durations, 1.0 = the full 30 s /
 //! 60 s outages; default 0.25), `BC9_CHAOS_FRESH_KAFKA=1` (start from a newly formatted broker),
 //! `BC9_CHAOS_LARGE_ROWS` (rows of the one large transaction, default 200000),
-//! `BC9_CHAOS_NEMESES` (draw only these faults, e.g. `SlotDrop,StateDirUnwritable`).
+//! `BC9_CHAOS_NEMESES` (draw only these faults, e.g. `SlotDrop,StateDirUnwritable`),
+//! `BC9_CHAOS_STREAMING=0` (large transactions sent whole at commit instead of streamed).
 //!
 //! Checks at the end: (1) every committed change is on Kafka, re-sends carrying the same
 //! (lsn, seq); (2) per key, Kafka's order is commit order; (4) every state the target was seen
@@ -359,7 +360,7 @@ database = "{db}"
 heartbeat_interval = "1s"
 status_interval = "200ms"
 # Large transactions are streamed while they run (and spooled until they commit).
-stream_large_transactions = true
+stream_large_transactions = {streaming}
 logical_decoding_work_mem = "64kB"
 [sources.{db}.topics]
 partitions = 3
@@ -377,6 +378,7 @@ max_batch_wait = "10ms"
             bootstrap = s.bootstrap,
             rport = registry_gate.port,
             sport = source_gate.port,
+            streaming = std::env::var("BC9_CHAOS_STREAMING").map_or(true, |v| v != "0"),
             tport = target_gate.port,
             user = s.pg_user,
         ),
