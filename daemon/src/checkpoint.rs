@@ -9,7 +9,8 @@
 //! PostgreSQL or Kafka meanwhile, since a position counts only once it is stored.
 
 use bitclone9_core::{Lsn, TableId};
-use bitclone9_postgres_source::ResumeState;
+use bitclone9_postgres_source::{ResumeState, TableShape};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -54,7 +55,16 @@ fn resync_prefix(source: &str) -> String {
     format!("source/{source}/resync/")
 }
 fn resync_key(source: &str, table: &TableId) -> Vec<u8> {
-    let mut key = resync_prefix(source).into_bytes();
+    table_key(resync_prefix(source), table)
+}
+fn shape_prefix(source: &str) -> String {
+    format!("source/{source}/shape/")
+}
+fn shape_key(source: &str, table: &TableId) -> Vec<u8> {
+    table_key(shape_prefix(source), table)
+}
+fn table_key(prefix: String, table: &TableId) -> Vec<u8> {
+    let mut key = prefix.into_bytes();
     // JSON keeps any schema or table name apart, dots and slashes included.
     key.extend(
         serde_json::json!([table.schema, table.name])
@@ -62,6 +72,13 @@ fn resync_key(source: &str, table: &TableId) -> Vec<u8> {
             .into_bytes(),
     );
     key
+}
+
+/// A table's shape as stored: `{"lsn": 123, "attnums": [1, 2, 4]}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredShape {
+    lsn: u64,
+    attnums: Vec<i16>,
 }
 
 impl CheckpointStore {
@@ -301,7 +318,59 @@ impl CheckpointStore {
             lsn: self.get_lsn(&lsn_key(source))?,
             snapshot_done: self.get_lsn(&snapshot_key(source))?.is_some(),
             resync: self.pending_resyncs(source)?,
+            shapes: self.shapes(source)?,
         })
+    }
+
+    /// The column numbers last stored for each table of `source`.
+    pub fn shapes(&self, source: &str) -> Result<HashMap<TableId, TableShape>, CheckpointError> {
+        let prefix = shape_prefix(source);
+        self.with_db(|db| {
+            let mut shapes = HashMap::new();
+            for kv in db.prefix_iterator(prefix.as_bytes()) {
+                let (k, v) = kv?;
+                let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
+                    break;
+                };
+                let corrupt = || CheckpointError::Corrupt(String::from_utf8_lossy(&k).into());
+                let (schema, name): (String, String) =
+                    serde_json::from_slice(rest).map_err(|_| corrupt())?;
+                let stored: StoredShape = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+                shapes.insert(
+                    TableId::new(schema, name),
+                    TableShape {
+                        lsn: Lsn(stored.lsn),
+                        attnums: stored.attnums,
+                    },
+                );
+            }
+            Ok(shapes)
+        })
+    }
+
+    /// Stores `table`'s shape, and with `resync` a request to read it again, in one durable
+    /// write: a crash never leaves the new shape stored without the resync it calls for.
+    pub fn record_shape(
+        &self,
+        source: &str,
+        table: &TableId,
+        shape: &TableShape,
+        resync: bool,
+    ) -> Result<(), CheckpointError> {
+        let stored = StoredShape {
+            lsn: shape.lsn.0,
+            attnums: shape.attnums.clone(),
+        };
+        let value = serde_json::to_vec(&stored)
+            .map_err(|e| CheckpointError::Corrupt(format!("shape of {table}: {e}")))?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(shape_key(source, table), value);
+        if resync {
+            batch.put(resync_key(source, table), b"");
+        }
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.with_db(|db| Ok(db.write_opt(batch, &w)?))
     }
 
     /// The tables of `source` whose resync was asked for and not yet delivered.
@@ -376,11 +445,22 @@ impl CheckpointStore {
         self.with_db(|db| Ok(db.write_opt(batch, &w)?))
     }
 
-    /// Forgets a source's snapshot record (its slot was re-created: a new snapshot is due).
+    /// Forgets a source's snapshot record and table shapes (its slot was re-created: a new
+    /// snapshot is due, and stores the shapes anew).
     pub fn clear_source(&self, source: &str) -> Result<(), CheckpointError> {
+        let prefix = shape_prefix(source);
         self.with_db(|db| {
-            db.delete(snapshot_key(source))?;
-            Ok(db.delete(lsn_key(source))?)
+            let mut batch = rocksdb::WriteBatch::default();
+            batch.delete(snapshot_key(source));
+            batch.delete(lsn_key(source));
+            for kv in db.prefix_iterator(prefix.as_bytes()) {
+                let (k, _) = kv?;
+                if !k.starts_with(prefix.as_bytes()) {
+                    break;
+                }
+                batch.delete(k);
+            }
+            Ok(db.write(batch)?)
         })
     }
 }
@@ -388,6 +468,45 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shapes_survive_a_restart_with_their_resync_and_go_with_the_slot() {
+        let dir = std::env::temp_dir().join(format!("bc9-shapes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (a, b) = (TableId::new("public", "a.b"), TableId::new("s/x", "t"));
+        let shape = |lsn: u64, attnums: &[i16]| TableShape {
+            lsn: Lsn(lsn),
+            attnums: attnums.to_vec(),
+        };
+        {
+            let store = CheckpointStore::open(&dir).expect("open");
+            store
+                .record_shape("src", &a, &shape(10, &[1, 2]), false)
+                .expect("record");
+            store
+                .record_shape("src", &a, &shape(20, &[1, 2, 4]), true)
+                .expect("record");
+            store
+                .record_shape("src", &b, &shape(15, &[1]), false)
+                .expect("record");
+            store
+                .record_shape("src2", &b, &shape(5, &[3]), false)
+                .expect("record");
+        }
+        let store = CheckpointStore::open(&dir).expect("reopen");
+        let loaded = store.load_source("src").expect("load");
+        assert_eq!(loaded.shapes.len(), 2);
+        assert_eq!(loaded.shapes[&a], shape(20, &[1, 2, 4]));
+        assert_eq!(loaded.shapes[&b], shape(15, &[1]));
+        assert_eq!(loaded.resync, vec![a.clone()]);
+        store.clear_source("src").expect("clear");
+        assert!(store.shapes("src").expect("read").is_empty());
+        assert_eq!(store.shapes("src2").expect("read")[&b], shape(5, &[3]));
+        // The resync request outlives the slot: the new snapshot answers it.
+        assert_eq!(store.pending_resyncs("src").expect("read"), vec![a]);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn resync_requests_are_kept_per_table_until_finished() {

@@ -324,7 +324,7 @@ async fn run_once(
     let result: Result<(), PipelineError> = loop {
         if restart_for_resync {
             // Stop cleanly (deliveries, checkpoint) and start again: the next run reads them.
-            tracing::info!(connector = %name, "more tables to read again were asked for meanwhile: restarting");
+            tracing::info!(connector = %name, "tables to read again were asked for meanwhile: restarting to read them");
             break Ok(());
         }
         events.clear();
@@ -400,6 +400,22 @@ async fn run_once(
                         push_deliveries(&mut items, &mut deliveries);
                         items.push(AckItem::ResyncDone(tables));
                         restart_for_resync |= asked_meanwhile(store, &name, &started_with);
+                    }
+                    SourceEvent::Shape {
+                        table,
+                        shape,
+                        rows_rewritten,
+                    } => {
+                        // Stored at once, not once delivered: a replay describes the same
+                        // shape again, and the resync request is durable with it.
+                        if let Err(e) = store.record_shape(&name, &table, &shape, rows_rewritten) {
+                            failed = Some(e.into());
+                            break;
+                        }
+                        if rows_rewritten {
+                            status.note(&name, format!("table {table}: a column added with a default or identity gave its rows values the WAL does not carry; it is read again"));
+                            restart_for_resync = true;
+                        }
                     }
                 }
             }

@@ -597,3 +597,82 @@ async fn the_ddl_trigger_finds_a_new_table_without_a_catalog_poll() {
     drop(daemon);
     cleanup(&db).await;
 }
+
+/// ADD COLUMN with a default or identity gives every existing row a value without a row
+/// change in the WAL (a stored missing value, or a rewrite of the table for a volatile
+/// default): the source notices the new column and reads the table again, also when the
+/// column was added while the daemon was stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_added_with_defaults_fill_the_existing_rows_in_the_target_too() {
+    let cl = common::clone::Clone::with_partitions(
+        "skadddef",
+        "CREATE TABLE t (id int PRIMARY KEY, a text);
+         INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 300) g;
+         CREATE TABLE other (id int PRIMARY KEY, v int);
+         INSERT INTO other SELECT g, g FROM generate_series(1, 50) g",
+        "",
+        "",
+        2,
+    )
+    .await;
+    let mut daemon = Daemon::start(&cl.config, "adddef");
+    wait_same(
+        &cl,
+        "SELECT id, a FROM t ORDER BY id",
+        Duration::from_secs(90),
+    )
+    .await;
+
+    cl.src
+        .batch_execute(
+            "ALTER TABLE t ADD COLUMN plain text;
+             ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT 7;
+             ALTER TABLE t ADD COLUMN v double precision DEFAULT random();
+             ALTER TABLE t ADD COLUMN ident bigint GENERATED ALWAYS AS IDENTITY;
+             UPDATE t SET a = a || '!' WHERE id % 10 = 0;
+             INSERT INTO t (id, a, c) VALUES (301, 'new', 8);
+             UPDATE other SET v = v + 1 WHERE id <= 5;",
+        )
+        .await
+        .expect("ddl");
+    let all = "SELECT id, a, plain, c, v, ident FROM t ORDER BY id";
+    wait_same(&cl, all, Duration::from_secs(120)).await;
+    wait_same(
+        &cl,
+        "SELECT * FROM other ORDER BY id",
+        Duration::from_secs(60),
+    )
+    .await;
+    let addr = admin_addr(&mut daemon).await;
+    let rewritten = metric(
+        &addr,
+        &format!(
+            "bitclone9_source_rewritten_tables_total{{connector=\"{}\"}}",
+            cl.spec.name
+        ),
+    )
+    .await;
+    assert!(rewritten >= Some(1.0), "counted: {rewritten:?}");
+    assert!(daemon
+        .log_text()
+        .contains("gave every existing row a value the WAL does not carry"));
+
+    // Added while the daemon is stopped: the stored shape tells it from a known column.
+    daemon.terminate();
+    cl.src
+        .batch_execute(
+            "ALTER TABLE t ADD COLUMN later text DEFAULT 'filled';
+             INSERT INTO t (id, a) VALUES (302, 'after restart');",
+        )
+        .await
+        .expect("ddl while stopped");
+    let daemon = Daemon::start(&cl.config, "adddef-restart");
+    wait_same(
+        &cl,
+        "SELECT id, a, plain, c, v, ident, later FROM t ORDER BY id",
+        Duration::from_secs(120),
+    )
+    .await;
+    drop(daemon);
+    cl.cleanup().await;
+}

@@ -406,6 +406,10 @@ pub struct CatalogColumn {
     pub attnum: i16,
     /// Dropped or generated: never in a Relation message, but a number it may stand between.
     pub hidden: bool,
+    /// Has a default or is an identity: when it was added, PostgreSQL gave every existing row
+    /// a value (stored as the column's missing value, or by rewriting the table) without a
+    /// row change in the WAL.
+    pub filled: bool,
 }
 
 /// Every column number of a table (live, dropped and generated), in order.
@@ -415,8 +419,9 @@ pub async fn catalog_columns(
 ) -> Result<Vec<CatalogColumn>, SourceError> {
     let rows = client
         .query(
-            "SELECT attname::text, attnum, attisdropped OR attgenerated <> '' FROM pg_attribute
-             WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
+            "SELECT attname::text, attnum, attisdropped OR attgenerated <> '',
+                    NOT attisdropped AND (atthasmissing OR atthasdef OR attidentity <> '')
+             FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
             &[&relation_id],
         )
         .await
@@ -427,6 +432,7 @@ pub async fn catalog_columns(
             name: r.get(0),
             attnum: r.get(1),
             hidden: r.get(2),
+            filled: r.get(3),
         })
         .collect())
 }
@@ -554,6 +560,7 @@ mod attnum_tests {
                 name: n.to_string(),
                 attnum: *a,
                 hidden: *h,
+                filled: false,
             })
             .collect()
     }

@@ -188,6 +188,19 @@ pub struct ResumeState {
     pub snapshot_done: bool,
     /// Tables to read again before streaming resumes (asked for by an operator).
     pub resync: Vec<TableId>,
+    /// The columns each table had when last described (snapshot or Relation message).
+    pub shapes: HashMap<TableId, TableShape>,
+}
+
+/// The column numbers a table had at a position: how the source tells a column added since
+/// from one it already handed over, across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableShape {
+    /// The snapshot's consistent point, or the commit LSN of the transaction whose Relation
+    /// message described the table. A message at or below it is a replay: it changes nothing.
+    pub lsn: Lsn,
+    /// Live columns' numbers (`attnum`), rising.
+    pub attnums: Vec<i16>,
 }
 
 /// A failure of the source. [`SourceError::is_transient`] tells whether retrying may help.
@@ -268,6 +281,15 @@ pub enum SourceEvent {
     /// covered a pending resync).
     ResyncDone {
         tables: Vec<TableId>,
+    },
+    /// The table's columns changed (or were first described): to be stored, so that the next
+    /// run compares with it. `rows_rewritten`: a column added since has a default or identity,
+    /// so PostgreSQL gave every existing row a value without a row change in the WAL; the
+    /// table must be read again (the store records the shape and the resync in one write).
+    Shape {
+        table: TableId,
+        shape: TableShape,
+        rows_rewritten: bool,
     },
 }
 
@@ -430,6 +452,8 @@ pub struct PostgresSource {
     replaying: Option<Replaying>,
     /// The DDL trigger noted a table change: check the catalog now.
     catalog_check_due: bool,
+    /// The columns of each table as last described (see [`TableShape`]).
+    shapes: HashMap<TableId, TableShape>,
 }
 
 /// What a catalog check found since the last one.
@@ -790,6 +814,7 @@ impl PostgresSource {
             spools,
             replaying: None,
             catalog_check_due: false,
+            shapes: std::mem::take(&mut resume.shapes),
         };
         if matches!(source.phase, Phase::Streaming) {
             source.start_stream().await?;

@@ -73,6 +73,18 @@ impl PostgresSource {
                     .map_err(|e| SourceError::from_postgres("starting the snapshot COPY", e))?;
                 tracing::info!(source = %self.cfg.name, table = %table.id, "snapshot of table started");
                 state.seq = 0;
+                // The columns as of the consistent point: what later Relation messages are
+                // compared with.
+                let shape = TableShape {
+                    lsn: state.consistent_point,
+                    attnums: table.columns.iter().filter_map(|c| c.attnum).collect(),
+                };
+                self.shapes.insert(table.id.clone(), shape.clone());
+                out.push(SourceEvent::Shape {
+                    table: table.id.clone(),
+                    shape,
+                    rows_rewritten: false,
+                });
                 // The snapshot replaces the table's content: consumers drop what they hold,
                 // including rows of an earlier, interrupted snapshot that no longer exist.
                 out.push(SourceEvent::Change(Change {

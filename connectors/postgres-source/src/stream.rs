@@ -206,17 +206,13 @@ impl PostgresSource {
                 // or even behind it (the walsender can send a transaction a moment before its
                 // commit is visible to other sessions): found by name, else by place.
                 let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
-                let mut numbers = catalog::infer_attnums(
-                    &names,
-                    &catalog::catalog_columns(&self.sql, relation_id).await?,
-                );
+                let mut in_catalog = catalog::catalog_columns(&self.sql, relation_id).await?;
+                let mut numbers = catalog::infer_attnums(&names, &in_catalog);
                 if numbers.iter().any(Option::is_none) {
                     // A commit not visible yet becomes so within moments: ask once more.
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    numbers = catalog::infer_attnums(
-                        &names,
-                        &catalog::catalog_columns(&self.sql, relation_id).await?,
-                    );
+                    in_catalog = catalog::catalog_columns(&self.sql, relation_id).await?;
+                    numbers = catalog::infer_attnums(&names, &in_catalog);
                 }
                 let mut attnums: HashMap<String, i16> = names
                     .iter()
@@ -250,6 +246,8 @@ impl PostgresSource {
                     columns,
                 };
                 tracing::debug!(source = %self.cfg.name, table = %schema.id, "relation described");
+                let lsn = self.current_tx().commit_lsn;
+                out.extend(self.shape_change(&schema, &in_catalog, lsn));
                 self.relations.insert(relation_id, Arc::new(schema));
                 return Ok(());
             }
@@ -415,6 +413,53 @@ impl PostgresSource {
                 .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
         }
         Ok(())
+    }
+
+    /// Compares a table's columns, as a Relation message in the transaction committed at
+    /// `lsn` describes them, with the shape last stored: a new shape is to be stored, and a
+    /// column added since with a default or identity means that its table's rows changed
+    /// without row changes in the WAL (see [`SourceEvent::Shape`]).
+    fn shape_change(
+        &mut self,
+        schema: &TableSchema,
+        in_catalog: &[catalog::CatalogColumn],
+        lsn: Lsn,
+    ) -> Option<SourceEvent> {
+        let attnums: Vec<i16> = schema.columns.iter().filter_map(|c| c.attnum).collect();
+        if lsn == Lsn(0) || attnums.len() != schema.columns.len() {
+            // Columns not found in the catalog (a sink follows them by name): no shape to
+            // compare with.
+            tracing::debug!(source = %self.cfg.name, table = %schema.id, lsn = %lsn, "columns not all numbered: shape not compared");
+            return None;
+        }
+        let rows_rewritten = match self.shapes.get(&schema.id) {
+            Some(last) if lsn <= last.lsn || last.attnums == attnums => return None,
+            Some(last) => {
+                let filled: Vec<&str> = in_catalog
+                    .iter()
+                    .filter(|c| {
+                        c.filled && attnums.contains(&c.attnum) && !last.attnums.contains(&c.attnum)
+                    })
+                    .map(|c| c.name.as_str())
+                    .collect();
+                if !filled.is_empty() {
+                    tracing::warn!(source = %self.cfg.name, table = %schema.id, lsn = %lsn, columns = %filled.join(", "),
+                        "columns added with a default or identity gave every existing row a value the WAL does not carry: reading the table again");
+                    metrics::counter!("bitclone9_source_rewritten_tables_total",
+                        "connector" => self.cfg.name.clone())
+                    .increment(1);
+                }
+                !filled.is_empty()
+            }
+            None => false,
+        };
+        let shape = TableShape { lsn, attnums };
+        self.shapes.insert(schema.id.clone(), shape.clone());
+        Some(SourceEvent::Shape {
+            table: schema.id.clone(),
+            shape,
+            rows_rewritten,
+        })
     }
 
     fn current_tx(&self) -> TxInfo {

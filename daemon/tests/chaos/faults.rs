@@ -294,6 +294,51 @@ pub(crate) async fn await_resnapshot(
         daemon.assert_running(context);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    await_applied(daemon, db, target, context, since, limit).await;
+}
+
+/// After `acct` got a column with a default: waits until the daemon noticed it, read the
+/// table again (the resync empties and refills the target's `acct`), and the target applied
+/// every record on Kafka by then.
+pub(crate) async fn await_reread(
+    daemon: &mut Supervised,
+    db: &str,
+    target: &Client,
+    context: &str,
+) {
+    let since = Instant::now();
+    let limit = Duration::from_secs(240);
+    loop {
+        daemon.sample_rss();
+        let log = daemon.log_text();
+        // After the last notice: a resync interrupted before it was recorded comes again.
+        let after = log.rfind(REWRITE_NOTICE).map(|at| &log[at..]);
+        if after.is_some_and(|rest| rest.contains("resync delivered")) {
+            break;
+        }
+        assert!(
+            since.elapsed() < limit,
+            "{context}: the daemon did not read acct again within 240 s of its ADD COLUMN ... DEFAULT; log:\n{}",
+            daemon.log_tail()
+        );
+        daemon.assert_running(context);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    await_applied(daemon, db, target, context, since, limit).await;
+}
+
+const REWRITE_NOTICE: &str = "gave every existing row a value the WAL does not carry";
+
+/// Waits until the target applied every record on Kafka now, and every transaction the source
+/// committed by now.
+async fn await_applied(
+    daemon: &mut Supervised,
+    db: &str,
+    target: &Client,
+    context: &str,
+    since: Instant,
+    limit: Duration,
+) {
     // On Kafka now: the new snapshot, and what streamed after it.
     let want = max_txlog(&connect_retrying(db).await).await;
     let sink = format!("{db}_clone");
@@ -312,7 +357,7 @@ pub(crate) async fn await_resnapshot(
         }
         assert!(
             since.elapsed() < limit,
-            "{context}: the target did not apply the new snapshot within 240 s; log:\n{}",
+            "{context}: the target did not apply what Kafka holds within 240 s; log:\n{}",
             daemon.log_tail()
         );
         daemon.assert_running(context);

@@ -14,14 +14,15 @@
 //! 60 s outages; default 0.25), `BC9_CHAOS_FRESH_KAFKA=1` (start from a newly formatted broker),
 //! `BC9_CHAOS_LARGE_ROWS` (rows of the one large transaction, default 200000),
 //! `BC9_CHAOS_NEMESES` (draw only these faults, e.g. `SlotDrop,StateDirUnwritable`),
-//! `BC9_CHAOS_STREAMING=0` (large transactions sent whole at commit instead of streamed).
+//! `BC9_CHAOS_STREAMING=0` (large transactions sent whole at commit instead of streamed),
+//! `BC9_CHAOS_EXTRA_DEFAULT=1` or `0` (add `acct.extra` with or without a default; else drawn).
 //!
 //! Checks at the end: (1) every committed change is on Kafka, re-sends carrying the same
 //! (lsn, seq); (2) per key, Kafka's order is commit order; (4) every state the target was seen
 //! in is a committed state of that key, never an older one than seen before; (5) the target
 //! equals the source, row for row and in its columns (names, types, order: the workload adds a
-//! column to `acct`, renames `line.qty` to `quantity` and makes it `bigint`, each at a
-//! transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle recovered
+//! column to `acct`, with a default for half the seeds, so that `acct` is read again; renames
+//! `line.qty` to `quantity` and makes it `bigint`, each at a transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle recovered
 //! without help; (7) the daemon's peak RSS stayed under a bound. (3), the slot never confirming
 //! what Kafka lacks, is what (1) checks after each SIGKILL: a position confirmed too early would
 //! be a gap.
@@ -44,11 +45,14 @@ use check::*;
 use common::*;
 use faults::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
-use workload::{start_workload, Rng, Shape, Workload, BIG_BODY, DDL};
+use workload::{
+    start_workload, Rng, Shape, Workload, BIG_BODY, DDL, REWRITE_COMMITTED, REWRITE_ISSUED,
+    REWRITE_SETTLED,
+};
 
 /// Peak resident memory the daemon may reach (source and sink in one process).
 const RSS_BOUND_MB: f64 = 512.0;
@@ -108,18 +112,26 @@ async fn target_versions(c: &Client) -> Option<[HashMap<String, i64>; 4]> {
 fn start_sampler(
     target_db: String,
     observed: Arc<Mutex<Observed>>,
-    paused: Arc<AtomicBool>,
+    resnapshot: Arc<AtomicBool>,
+    rewrite: Arc<AtomicU8>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let paused = || {
+            resnapshot.load(Ordering::SeqCst)
+                || matches!(
+                    rewrite.load(Ordering::SeqCst),
+                    REWRITE_ISSUED | REWRITE_COMMITTED
+                )
+        };
         let mut c = connect_retrying(&target_db).await;
         while !*stop.borrow() {
-            if paused.load(Ordering::SeqCst) {
+            if paused() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
             match target_versions(&c).await {
-                Some(_) if paused.load(Ordering::SeqCst) => {}
+                Some(_) if paused() => {}
                 Some(now) => observed.lock().unwrap_or_else(|p| p.into_inner()).add(now),
                 None => {
                     if c.is_closed() {
@@ -442,10 +454,20 @@ max_batch_wait = "10ms"
         large_at: 1 + Rng(seed.rotate_left(7)).below(total_tx_hint),
         large_rows,
         shape: Shape::default(),
+        extra_default: match std::env::var("BC9_CHAOS_EXTRA_DEFAULT").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => Rng(seed.rotate_left(41)).below(2) == 1,
+        },
+        rewrite: Arc::new(AtomicU8::new(0)),
     };
+    let rewrite = workload.rewrite.clone();
     println!(
-        "chaos: DDL from transaction {} (acct ADD COLUMN extra), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint)",
-        workload.add_column_at, workload.rename_at, workload.retype_at
+        "chaos: DDL from transaction {} (acct ADD COLUMN extra{}), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint)",
+        workload.add_column_at,
+        if workload.extra_default { " DEFAULT, read again" } else { "" },
+        workload.rename_at,
+        workload.retype_at
     );
     let load = start_workload(db.clone(), workload, history.clone(), stop_rx.clone());
     let observed = Arc::new(Mutex::new(Observed::default()));
@@ -455,6 +477,7 @@ max_batch_wait = "10ms"
         target_db.clone(),
         observed.clone(),
         resnapshot.clone(),
+        rewrite.clone(),
         stop_rx.clone(),
     );
     // The source's slot (SourceConfig::slot_name: its name, dashes as underscores).
@@ -634,6 +657,11 @@ max_batch_wait = "10ms"
                 w.start
             );
         }
+        if rewrite.load(Ordering::SeqCst) == REWRITE_COMMITTED {
+            await_reread(&mut daemon, &db, &target, &context).await;
+            rewrite.store(REWRITE_SETTLED, Ordering::SeqCst);
+            println!("chaos: acct read again after ADD COLUMN extra DEFAULT");
+        }
         let took = healed.elapsed().as_secs_f64();
         println!(
             "chaos: cycle {cycle} recovered in {took:.1} s (peak RSS so far {:.0} MB)",
@@ -647,6 +675,9 @@ max_batch_wait = "10ms"
     let shape = load.await.expect("workload").shape;
     let src = connect_retrying(&db).await;
     let dst = connect_retrying(&target_db).await;
+    if rewrite.load(Ordering::SeqCst) == REWRITE_COMMITTED {
+        await_reread(&mut daemon, &db, &dst, &format!("seed {seed}, at the end")).await;
+    }
     // The checker's own bookkeeping: the DDL it counts as committed is the source's shape.
     let source_line = columns(&src, "line").await;
     assert_eq!(

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Three DDL changes come at transactions drawn from the seed, each in its own order:
-//! `acct` gets column `extra`, `line.qty` is renamed `quantity`, and that column (under
+//! `acct` gets column `extra` (with a default for half the seeds, which the daemon answers by
+//! reading `acct` again), `line.qty` is renamed `quantity`, and that column (under
 //! whichever name it has then) becomes `bigint`, after which some writes put values above 2^31
 //! into it. The writes of a transaction after its DDL use the new shape; the workload's
 //! [`Shape`] follows only DDL that committed (a transaction that did not commit has its DDL
@@ -24,6 +25,7 @@
 use crate::check::{Effect, History, Key};
 use crate::connect_retrying;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -124,7 +126,18 @@ pub(crate) struct Workload {
     pub(crate) large_rows: i64,
     /// The shape the committed transactions left.
     pub(crate) shape: Shape,
+    /// `extra` is added with a default: every existing row gets a value without a row change
+    /// in the WAL, so the daemon reads `acct` again (a resync, which empties and refills it).
+    pub(crate) extra_default: bool,
+    /// That resync's progress, for the sampler and the run: [`REWRITE_ISSUED`] once the DDL
+    /// is sent, [`REWRITE_COMMITTED`] once it committed, [`REWRITE_SETTLED`] once the run saw
+    /// the target refilled.
+    pub(crate) rewrite: Arc<AtomicU8>,
 }
+
+pub(crate) const REWRITE_ISSUED: u8 = 1;
+pub(crate) const REWRITE_COMMITTED: u8 = 2;
+pub(crate) const REWRITE_SETTLED: u8 = 3;
 
 impl Workload {
     fn v(&mut self) -> i64 {
@@ -200,7 +213,18 @@ impl Workload {
         let mut shape = self.shape;
         if id >= self.add_column_at && !shape.extra {
             shape.extra = true;
-            sql.push_str("ALTER TABLE acct ADD COLUMN extra text;\n");
+            if self.extra_default {
+                // The sampler pauses before the table can be emptied.
+                let _ = self.rewrite.compare_exchange(
+                    0,
+                    REWRITE_ISSUED,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                sql.push_str("ALTER TABLE acct ADD COLUMN extra text DEFAULT 'filled';\n");
+            } else {
+                sql.push_str("ALTER TABLE acct ADD COLUMN extra text;\n");
+            }
         }
         if id >= self.rename_at && !shape.renamed {
             shape.renamed = true;
@@ -446,6 +470,9 @@ pub(crate) fn start_workload(
                 }
             };
             if committed {
+                if tx.shape.extra && !w.shape.extra && w.extra_default {
+                    w.rewrite.store(REWRITE_COMMITTED, Ordering::SeqCst);
+                }
                 w.shape = tx.shape;
                 let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
                 // Numbered in commit order: the workload commits one transaction at a time.
