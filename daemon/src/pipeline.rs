@@ -324,7 +324,7 @@ async fn run_once(
     let result: Result<(), PipelineError> = loop {
         if restart_for_resync {
             // Stop cleanly (deliveries, checkpoint) and start again: the next run reads them.
-            tracing::info!(connector = %name, "tables to read again were asked for meanwhile: restarting to read them");
+            tracing::info!(connector = %name, "more tables to read again were asked for meanwhile: restarting to read them");
             break Ok(());
         }
         events.clear();

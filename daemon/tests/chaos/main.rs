@@ -617,10 +617,19 @@ max_batch_wait = "10ms"
             tokio::time::sleep(Duration::from_millis(rng.below(2000))).await;
             daemon.start();
         } else if unwritable_cycle {
-            // It said so while it lasted, and keeps running.
-            let log = daemon.log_text();
+            // It said so while it lasted (the error of a call that failed just before the heal
+            // may be a moment late in the log), and keeps running.
+            let told = |log: &str| {
+                (log.contains("checkpoint store failed") && log.contains("state directory"))
+                    || (log.contains("spool file")
+                        && log.contains("permissions under the daemon's state_dir"))
+            };
+            let since = Instant::now();
+            while !told(&daemon.log_text()) && since.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             assert!(
-                log.contains("checkpoint store failed") && log.contains("state directory"),
+                told(&daemon.log_text()),
                 "{context}: the daemon did not report its unwritable state directory; log:\n{}",
                 daemon.log_tail()
             );
