@@ -625,7 +625,10 @@ async fn columns_added_with_defaults_fill_the_existing_rows_in_the_target_too() 
 
     cl.src
         .batch_execute(
+            // One transaction: the plain column's row change sends a Relation message of
+            // its own, before the one that brings the filled columns at the same LSN.
             "ALTER TABLE t ADD COLUMN plain text;
+             UPDATE t SET plain = 'p' WHERE id = 1;
              ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT 7;
              ALTER TABLE t ADD COLUMN v double precision DEFAULT random();
              ALTER TABLE t ADD COLUMN ident bigint GENERATED ALWAYS AS IDENTITY;

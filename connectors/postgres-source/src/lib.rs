@@ -197,7 +197,8 @@ pub struct ResumeState {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableShape {
     /// The snapshot's consistent point, or the commit LSN of the transaction whose Relation
-    /// message described the table. A message at or below it is a replay: it changes nothing.
+    /// message described the table. A message below it, or at it without a column beyond it,
+    /// is a replay: it changes nothing.
     pub lsn: Lsn,
     /// Live columns' numbers (`attnum`), rising.
     pub attnums: Vec<i16>,

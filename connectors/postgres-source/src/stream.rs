@@ -433,7 +433,15 @@ impl PostgresSource {
             return None;
         }
         let rows_rewritten = match self.shapes.get(&schema.id) {
-            Some(last) if lsn <= last.lsn || last.attnums == attnums => return None,
+            // Earlier than the stored shape, or no column beyond it within the same
+            // transaction (a transaction may alter a table twice): a replay, or no change.
+            Some(last)
+                if lsn < last.lsn
+                    || last.attnums == attnums
+                    || (lsn == last.lsn && attnums.iter().all(|a| last.attnums.contains(a))) =>
+            {
+                return None
+            }
             Some(last) => {
                 let filled: Vec<&str> = in_catalog
                     .iter()
