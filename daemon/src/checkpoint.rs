@@ -63,6 +63,12 @@ fn shape_prefix(source: &str) -> String {
 fn shape_key(source: &str, table: &TableId) -> Vec<u8> {
     table_key(shape_prefix(source), table)
 }
+fn drop_prefix(source: &str) -> String {
+    format!("source/{source}/drop/")
+}
+fn drop_key(source: &str, table: &TableId) -> Vec<u8> {
+    table_key(drop_prefix(source), table)
+}
 fn table_key(prefix: String, table: &TableId) -> Vec<u8> {
     let mut key = prefix.into_bytes();
     // JSON keeps any schema or table name apart, dots and slashes included.
@@ -74,11 +80,14 @@ fn table_key(prefix: String, table: &TableId) -> Vec<u8> {
     key
 }
 
-/// A table's shape as stored: `{"lsn": 123, "attnums": [1, 2, 4]}`.
+/// A table's shape as stored: `{"lsn": 123, "attnums": [1, 2, 4], "relation_id": 16384}`
+/// (without `relation_id` when stored by an older BitClone9).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredShape {
     lsn: u64,
     attnums: Vec<i16>,
+    #[serde(default)]
+    relation_id: u32,
 }
 
 impl CheckpointStore {
@@ -341,6 +350,7 @@ impl CheckpointStore {
                     TableShape {
                         lsn: Lsn(stored.lsn),
                         attnums: stored.attnums,
+                        relation_id: stored.relation_id,
                     },
                 );
             }
@@ -360,6 +370,7 @@ impl CheckpointStore {
         let stored = StoredShape {
             lsn: shape.lsn.0,
             attnums: shape.attnums.clone(),
+            relation_id: shape.relation_id,
         };
         let value = serde_json::to_vec(&stored)
             .map_err(|e| CheckpointError::Corrupt(format!("shape of {table}: {e}")))?;
@@ -445,6 +456,73 @@ impl CheckpointStore {
         self.with_db(|db| Ok(db.write_opt(batch, &w)?))
     }
 
+    /// Records that `table` of `source` was dropped, found when the server's WAL was at `lsn`,
+    /// and forgets its shape, in one durable write: the drop is announced on the table's topic
+    /// once the stream has passed `lsn` (see `pipeline::drops`), also after a crash.
+    pub fn record_drop(
+        &self,
+        source: &str,
+        table: &TableId,
+        lsn: Lsn,
+    ) -> Result<(), CheckpointError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(drop_key(source, table), lsn.0.to_be_bytes());
+        batch.delete(shape_key(source, table));
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.with_db(|db| Ok(db.write_opt(batch, &w)?))
+    }
+
+    /// Drops of `source`'s tables recorded and not announced yet, with the WAL position each
+    /// was found at.
+    pub fn pending_drops(&self, source: &str) -> Result<Vec<(TableId, Lsn)>, CheckpointError> {
+        let prefix = drop_prefix(source);
+        self.with_db(|db| {
+            let mut out = Vec::new();
+            for kv in db.prefix_iterator(prefix.as_bytes()) {
+                let (k, v) = kv?;
+                let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
+                    break;
+                };
+                let corrupt = || CheckpointError::Corrupt(String::from_utf8_lossy(&k).into());
+                let (schema, name): (String, String) =
+                    serde_json::from_slice(rest).map_err(|_| corrupt())?;
+                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
+                out.push((TableId::new(schema, name), Lsn(u64::from_be_bytes(bytes))));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Forgets the drop of `table` found at `lsn` (announced). A later drop of a table of the
+    /// same name, recorded meanwhile, stays.
+    pub fn finish_drop(
+        &self,
+        source: &str,
+        table: &TableId,
+        lsn: Lsn,
+    ) -> Result<(), CheckpointError> {
+        let key = drop_key(source, table);
+        if self.with_db(|db| Ok(db.get(&key)?))?.as_deref() != Some(&lsn.0.to_be_bytes()[..]) {
+            return Ok(());
+        }
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.with_db(|db| Ok(db.delete_opt(&key, &w)?))
+    }
+
+    /// Forgets the shapes of `tables`: they are no longer captured, so neither a column added
+    /// to them nor their drop concerns the source any more.
+    pub fn forget_shapes(&self, source: &str, tables: &[TableId]) -> Result<(), CheckpointError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for t in tables {
+            batch.delete(shape_key(source, t));
+        }
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.with_db(|db| Ok(db.write_opt(batch, &w)?))
+    }
+
     /// Forgets a source's snapshot record and table shapes (its slot was re-created: a new
     /// snapshot is due, and stores the shapes anew).
     pub fn clear_source(&self, source: &str) -> Result<(), CheckpointError> {
@@ -475,6 +553,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (a, b) = (TableId::new("public", "a.b"), TableId::new("s/x", "t"));
         let shape = |lsn: u64, attnums: &[i16]| TableShape {
+            relation_id: 0,
             lsn: Lsn(lsn),
             attnums: attnums.to_vec(),
         };
@@ -504,6 +583,48 @@ mod tests {
         assert_eq!(store.shapes("src2").expect("read")[&b], shape(5, &[3]));
         // The resync request outlives the slot: the new snapshot answers it.
         assert_eq!(store.pending_resyncs("src").expect("read"), vec![a]);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn drops_are_kept_until_announced_and_take_the_shape_with_them() {
+        let dir = std::env::temp_dir().join(format!("bc9-drops-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (a, b) = (TableId::new("public", "a"), TableId::new("public", "b"));
+        let shape = TableShape {
+            lsn: Lsn(10),
+            attnums: vec![1, 2],
+            relation_id: 16384,
+        };
+        {
+            let store = CheckpointStore::open(&dir).expect("open");
+            store.record_shape("src", &a, &shape, false).expect("shape");
+            store.record_shape("src", &b, &shape, false).expect("shape");
+            store.record_drop("src", &a, Lsn(100)).expect("drop");
+        }
+        let store = CheckpointStore::open(&dir).expect("reopen");
+        assert_eq!(
+            store.pending_drops("src").expect("read"),
+            vec![(a.clone(), Lsn(100))]
+        );
+        assert!(store.pending_drops("src2").expect("read").is_empty());
+        let shapes = store.shapes("src").expect("read");
+        assert!(!shapes.contains_key(&a) && shapes.contains_key(&b));
+        // A table of the same name dropped again before the first drop was announced: the
+        // announcement of the first leaves the second pending.
+        store.record_drop("src", &a, Lsn(200)).expect("drop");
+        store.finish_drop("src", &a, Lsn(100)).expect("finish");
+        assert_eq!(
+            store.pending_drops("src").expect("read"),
+            vec![(a.clone(), Lsn(200))]
+        );
+        store.finish_drop("src", &a, Lsn(200)).expect("finish");
+        assert!(store.pending_drops("src").expect("read").is_empty());
+        store
+            .forget_shapes("src", std::slice::from_ref(&b))
+            .expect("forget");
+        assert!(store.shapes("src").expect("read").is_empty());
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -73,6 +73,10 @@ pub fn sink_settings(name: &str, cfg: &Config) -> Option<sink::SinkPipelineConfi
                 config::ColumnDropSetting::Keep => bitclone9_postgres_sink::ColumnDrop::Keep,
                 config::ColumnDropSetting::Drop => bitclone9_postgres_sink::ColumnDrop::Drop,
             },
+            on_table_drop: match k.on_table_drop {
+                config::TableDropSetting::Keep => bitclone9_postgres_sink::TableDrop::Keep,
+                config::TableDropSetting::Drop => bitclone9_postgres_sink::TableDrop::Drop,
+            },
         },
         on_error: match k.on_error {
             OnError::DeadLetter => sink::PoisonPolicy::DeadLetter,

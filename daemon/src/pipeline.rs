@@ -11,6 +11,8 @@
 //! Reading never waits for Kafka acknowledgements (only for librdkafka's queue to have room);
 //! the acker confirms an LSN only after every record before it was acknowledged by Kafka.
 
+mod drops;
+
 use crate::checkpoint::CheckpointStore;
 use crate::status::{ConnectorState, Status};
 use bitclone9_core::{Lsn, Op};
@@ -68,6 +70,8 @@ enum AckItem {
     Position(Lsn),
     SnapshotDone(Lsn),
     ResyncDone(Vec<bitclone9_core::TableId>),
+    /// The drop of a table, found at this position, is announced (see [`drops`]).
+    DropAnnounced(bitclone9_core::TableId, Lsn),
 }
 
 /// Adds `deliveries` to the batch, after the last item if that is deliveries too.
@@ -288,6 +292,9 @@ async fn run_once(
     let mut source =
         PostgresSource::start(cfg.source.clone(), resume, &forget, &record_resync).await?;
     status.set_left_out(&name, source.left_out());
+    store.forget_shapes(&name, source.unmatched())?;
+    let mut drops = drops::PendingDrops::load(store, &name)?;
+    drops.record(store, status, &name, &source.take_gone_at_start())?;
     // New tables matching include are looked for between batches while streaming (never by
     // interrupting a batch); the next run adds and reads them.
     let check_every = cfg.source.new_table_check_interval;
@@ -370,6 +377,13 @@ async fn run_once(
         };
         let entered = batch_span.clone();
         let handing_over = async {
+            // A table of a dropped one's name, published again, is read from this batch on:
+            // its drop goes first.
+            let first = drops.due(last_position, true, |t| source.is_published(t));
+            if let Err(e) = announce(&mut writer, first, now, &mut deliveries, &mut items).await {
+                failed = Some(e);
+                return;
+            }
             for ev in events.drain(..) {
                 match ev {
                     SourceEvent::Change(change) => {
@@ -419,6 +433,14 @@ async fn run_once(
                     }
                 }
             }
+            if failed.is_none() {
+                let passed = drops.due(last_position, false, |t| source.is_published(t));
+                if let Err(e) =
+                    announce(&mut writer, passed, now, &mut deliveries, &mut items).await
+                {
+                    failed = Some(e);
+                }
+            }
         };
         tracing::Instrument::instrument(handing_over, entered).await;
         if let Some(lsn) = last_position {
@@ -457,17 +479,71 @@ async fn run_once(
                 Ok(c) => c,
                 Err(e) => break Err(e.into()),
             };
-            if !changes.dropped.is_empty() {
-                let names: Vec<String> = changes.dropped.iter().map(ToString::to_string).collect();
+            if !changes.unpublished.is_empty() {
+                let names: Vec<String> = changes
+                    .unpublished
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
                 tracing::warn!(connector = %name, tables = %names.join(", "),
-                    "tables dropped at the source (no longer in the publication): their topics and target tables are kept");
-                metrics::counter!("bitclone9_source_tables_dropped_total", "connector" => name.clone())
-                    .increment(changes.dropped.len() as u64);
-                for t in &changes.dropped {
-                    status.note(&name, format!("table {t} was dropped at the source; its topic and target table are kept"));
+                    "tables taken out of the publication (they still exist): no longer captured; their topics and target tables are kept");
+                for t in &changes.unpublished {
+                    status.note(
+                        &name,
+                        format!(
+                            "table {t} was taken out of the publication; it is no longer captured"
+                        ),
+                    );
+                }
+                if let Err(e) = store.forget_shapes(&name, &changes.unpublished) {
+                    break Err(e.into());
+                }
+            }
+            if !changes.gone.is_empty() {
+                let found = match source.wal_position().await {
+                    Ok(lsn) => changes
+                        .gone
+                        .iter()
+                        .map(|t| (t.clone(), lsn))
+                        .collect::<Vec<_>>(),
+                    Err(e) => break Err(e.into()),
+                };
+                if let Err(e) = drops.record(store, status, &name, &found) {
+                    break Err(e.into());
                 }
             }
             status.set_left_out(&name, source.left_out());
+            if !changes.rewritten.is_empty() {
+                // The table's next Relation message would say so too, but an idle table may not
+                // send one for a long time: store the shape and the resync now, in one write.
+                let mut failed: Option<PipelineError> = None;
+                for r in &changes.rewritten {
+                    let lsn = last_position
+                        .into_iter()
+                        .chain(source.shape(&r.table).map(|s| s.lsn))
+                        .max()
+                        .unwrap_or_default();
+                    let shape = bitclone9_postgres_source::TableShape {
+                        lsn,
+                        attnums: r.attnums.clone(),
+                        relation_id: source.shape(&r.table).map_or(0, |s| s.relation_id),
+                    };
+                    tracing::warn!(connector = %name, table = %r.table, lsn = %lsn, columns = %r.columns.join(", "),
+                        "columns added with a default or identity gave every existing row a value the WAL does not carry: reading the table again");
+                    metrics::counter!("bitclone9_source_rewritten_tables_total", "connector" => name.clone())
+                        .increment(1);
+                    if let Err(e) = store.record_shape(&name, &r.table, &shape, true) {
+                        failed = Some(e.into());
+                        break;
+                    }
+                    status.note(&name, format!("table {}: a column added with a default or identity gave its rows values the WAL does not carry; it is read again", r.table));
+                }
+                match failed {
+                    Some(e) => break Err(e),
+                    // Stop cleanly (deliveries, checkpoint) and start again: the next run reads them.
+                    None => break Ok(()),
+                }
+            }
             let new = changes.new;
             if !new.is_empty() {
                 let names: Vec<String> = new.iter().map(ToString::to_string).collect();
@@ -508,6 +584,24 @@ async fn run_once(
     tracing::info!(connector = %name, lsn = ?final_lsn.map(|l| l.to_string()), "pipeline stopped");
     source.shutdown(final_lsn).await;
     result
+}
+
+/// Announces the drops `due` on their topics; each is forgotten once its records are delivered.
+async fn announce(
+    writer: &mut EventWriter,
+    due: Vec<(bitclone9_core::TableId, Lsn)>,
+    now_ms: i64,
+    deliveries: &mut Vec<Delivery>,
+    items: &mut Vec<AckItem>,
+) -> Result<(), PipelineError> {
+    for (table, lsn) in due {
+        writer
+            .send_drop_marker(&table, lsn, now_ms, deliveries)
+            .await?;
+        push_deliveries(items, deliveries);
+        items.push(AckItem::DropAnnounced(table, lsn));
+    }
+    Ok(())
 }
 
 /// Whether resyncs were asked for that this run did not start with (so it does not read them).
@@ -605,6 +699,9 @@ async fn acker(
                 AckItem::SnapshotDone(lsn) => {
                     store.mark_snapshot_done(&name, lsn)?;
                     tracing::info!(connector = %name, lsn = %lsn, "snapshot delivered and recorded");
+                }
+                AckItem::DropAnnounced(table, lsn) => {
+                    store.finish_drop(&name, &table, lsn)?;
                 }
                 AckItem::ResyncDone(tables) => {
                     store.finish_resyncs(&name, &tables)?;

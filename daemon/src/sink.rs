@@ -18,7 +18,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::status::{ConnectorState, Status};
 use bitclone9_core::{Change, Op};
 use bitclone9_kafka::decode::{DecodeError, Decoded, EventReader, TombstoneHeaders};
-use bitclone9_kafka::{EventProducer, KafkaSettings};
+use bitclone9_kafka::{EventProducer, KafkaSettings, TABLE_DROPPED_HEADER};
 use bitclone9_postgres_sink::{
     Applied, PartitionPosition, PostgresTarget, PostgresTargetConfig, TargetError, Watermark,
 };
@@ -254,6 +254,15 @@ impl Item {
             _ => None,
         }
     }
+
+    /// The announcement that this truncate's table was dropped at the source.
+    fn table_dropped(&self) -> bool {
+        self.change().is_some_and(|c| c.op == Op::Truncate)
+            && self.msg.headers().is_some_and(|h| {
+                h.iter()
+                    .any(|h| h.key == TABLE_DROPPED_HEADER && h.value == Some(b"true".as_slice()))
+            })
+    }
 }
 
 /// A record for the dead-letter topic, with why.
@@ -271,6 +280,9 @@ struct Metrics {
     commit_lag: metrics::Histogram,
     checkpointed_at: metrics::Gauge,
     missing_rows: metrics::Counter,
+    /// Target tables whose source table was dropped: kept, and dropped.
+    tables_kept: metrics::Counter,
+    tables_dropped: metrics::Counter,
 }
 
 impl Metrics {
@@ -290,6 +302,8 @@ impl Metrics {
             commit_lag: metrics::histogram!("bitclone9_sink_source_to_target_seconds", "connector" => name.to_string()),
             checkpointed_at: metrics::gauge!("bitclone9_checkpoint_timestamp_seconds", "connector" => name.to_string()),
             missing_rows: metrics::counter!("bitclone9_sink_missing_rows_total", "connector" => name.to_string()),
+            tables_kept: metrics::counter!("bitclone9_sink_source_tables_dropped_total", "connector" => name.to_string(), "action" => "kept"),
+            tables_dropped: metrics::counter!("bitclone9_sink_source_tables_dropped_total", "connector" => name.to_string(), "action" => "dropped"),
         }
     }
 }
@@ -437,6 +451,11 @@ async fn run_once(
         };
         for (kind, n) in &outcome.dead_lettered {
             dead_letters(kind).increment(*n);
+        }
+        for table in &outcome.dropped_tables {
+            for t in more_targets.iter_mut() {
+                t.forget(table);
+            }
         }
         tracing::debug!(connector = %name, records = items.len(), duplicates = outcome.duplicates, elapsed = ?started.elapsed(), "batch applied");
         m.apply_seconds.record(started.elapsed().as_secs_f64());
@@ -610,6 +629,7 @@ async fn apply_concurrently(
         duplicates: 0,
         missing_rows: 0,
         dead_lettered: BTreeMap::new(),
+        dropped_tables: Vec::new(),
     };
     for r in futures::future::join_all(runs).await {
         let o = r?;
@@ -629,6 +649,8 @@ struct Outcome {
     duplicates: u64,
     missing_rows: u64,
     dead_lettered: BTreeMap<String, u64>,
+    /// Tables whose drop at the source was applied: other sessions forget them.
+    dropped_tables: Vec<bitclone9_core::TableId>,
 }
 
 /// Applies a batch in one target transaction, retrying refusals and, when they persist,
@@ -760,9 +782,19 @@ async fn apply_once(
         }
         let mut missing_rows = 0;
         let mut counts = [0u64; 5];
+        let mut dropped_tables: Vec<(bitclone9_core::TableId, bool)> = Vec::new();
         if isolate {
             for item in &keep {
                 let Some(c) = item.change() else { continue };
+                if item.table_dropped() {
+                    // Isolated or not, a drop is no poison: it stops the batch if it fails.
+                    if !dropped_tables.iter().any(|(t, _)| *t == c.table.id) {
+                        let gone = target.table_dropped(&c.table.id).await?;
+                        dropped_tables.push((c.table.id.clone(), gone));
+                    }
+                    counts[c.op as usize] += 1;
+                    continue;
+                }
                 match target.apply_isolated(c).await {
                     Ok(s) => {
                         missing_rows += s.missing_rows;
@@ -778,11 +810,36 @@ async fn apply_once(
             }
         } else {
             let changes: Vec<&Change> = keep.iter().filter_map(|i| i.change()).collect();
-            let s = target.apply(&changes).await?;
-            missing_rows = s.missing_rows;
+            let drops: Vec<bool> = keep
+                .iter()
+                .filter(|i| i.change().is_some())
+                .map(|i| i.table_dropped())
+                .collect();
+            // A drop announcement ends the run of changes before it; it arrives once per
+            // partition, and back to back once is enough.
+            let mut start = 0;
+            for i in (0..changes.len()).filter(|i| drops[*i]) {
+                missing_rows += target.apply(&changes[start..i]).await?.missing_rows;
+                let c = changes[i];
+                let repeat = i > 0
+                    && drops[i - 1]
+                    && changes[i - 1].table.id == c.table.id
+                    && Watermark::of(changes[i - 1]) == Watermark::of(c);
+                if !repeat {
+                    let gone = target.table_dropped(&c.table.id).await?;
+                    dropped_tables.push((c.table.id.clone(), gone));
+                }
+                start = i + 1;
+            }
+            missing_rows += target.apply(&changes[start..]).await?.missing_rows;
             for c in &changes {
                 counts[c.op as usize] += 1;
             }
+        }
+        for (table, gone) in &dropped_tables {
+            tracing::warn!(connector = %cfg.name, table = %table,
+                "{}", if *gone { "the source dropped this table: its target table is dropped too (on_table_drop = \"drop\")" }
+                    else { "the source dropped this table: its target table is kept with its rows (on_table_drop = \"keep\")" });
         }
         if let (Some(first), PoisonPolicy::Stop) = (letters.first(), cfg.on_error) {
             return Err(SinkPipelineError::Poison {
@@ -817,20 +874,34 @@ async fn apply_once(
             );
         }
         send_dead_letters(cfg, producer, &letters).await?;
-        Ok::<_, SinkPipelineError>((positions, duplicates, missing_rows, dead_lettered, counts))
+        Ok::<_, SinkPipelineError>((
+            positions,
+            duplicates,
+            missing_rows,
+            dead_lettered,
+            counts,
+            dropped_tables,
+        ))
     }
     .await;
     match result {
-        Ok((positions, duplicates, missing_rows, dead_lettered, counts)) => {
+        Ok((positions, duplicates, missing_rows, dead_lettered, counts, dropped_tables)) => {
             target.commit().await?;
             for (i, n) in counts.iter().enumerate() {
                 m.applied[i].increment(*n);
+            }
+            for (_, gone) in &dropped_tables {
+                match gone {
+                    true => m.tables_dropped.increment(1),
+                    false => m.tables_kept.increment(1),
+                }
             }
             Ok(Outcome {
                 positions,
                 duplicates,
                 missing_rows,
                 dead_lettered,
+                dropped_tables: dropped_tables.into_iter().map(|(t, _)| t).collect(),
             })
         }
         Err(e) => {

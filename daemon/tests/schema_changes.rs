@@ -679,3 +679,98 @@ async fn columns_added_with_defaults_fill_the_existing_rows_in_the_target_too() 
     drop(daemon);
     cl.cleanup().await;
 }
+
+/// A column added with a default to a table that then sees no row change sends no Relation
+/// message, so only the catalog check can tell that the table's rows took a value: the table is
+/// read again within a check interval, while another table keeps streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_table_given_a_column_with_a_default_is_read_again_without_a_row_change() {
+    let cl = common::clone::Clone::with_partitions(
+        "skidledef",
+        "CREATE TABLE t (id int PRIMARY KEY, a text);
+         INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 200) g;
+         CREATE TABLE busy (id int PRIMARY KEY, v int);
+         INSERT INTO busy SELECT g, g FROM generate_series(1, 20) g",
+        "",
+        "",
+        2,
+    )
+    .await;
+    let text = std::fs::read_to_string(&cl.config).expect("config");
+    let topics = format!("[sources.{}.topics]", cl.spec.db);
+    std::fs::write(
+        &cl.config,
+        text.replacen(
+            &topics,
+            &format!("new_table_check_interval = \"1s\"\n{topics}"),
+            1,
+        ),
+    )
+    .expect("config");
+    let mut daemon = Daemon::start(&cl.config, "idledef");
+    wait_same(
+        &cl,
+        "SELECT id, a FROM t ORDER BY id",
+        Duration::from_secs(90),
+    )
+    .await;
+    cl.src
+        .batch_execute("ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT 7")
+        .await
+        .expect("ddl");
+    // Only the other table changes from here on.
+    for i in 0..10 {
+        cl.src
+            .execute("UPDATE busy SET v = v + 1 WHERE id = $1", &[&(i + 1)])
+            .await
+            .expect("busy");
+    }
+    wait_same(
+        &cl,
+        "SELECT id, a, c FROM t ORDER BY id",
+        Duration::from_secs(90),
+    )
+    .await;
+    wait_same(
+        &cl,
+        "SELECT * FROM busy ORDER BY id",
+        Duration::from_secs(60),
+    )
+    .await;
+    let addr = admin_addr(&mut daemon).await;
+    let rewritten = metric(
+        &addr,
+        &format!(
+            "bitclone9_source_rewritten_tables_total{{connector=\"{}\"}}",
+            cl.spec.name
+        ),
+    )
+    .await;
+    assert_eq!(rewritten, Some(1.0), "read again once");
+    assert!(daemon
+        .log_text()
+        .contains("gave every existing row a value the WAL does not carry"));
+    // The table's first row change after the DDL describes the shape already stored: no
+    // second read.
+    cl.src
+        .batch_execute("INSERT INTO t (id, a) VALUES (201, 'later')")
+        .await
+        .expect("insert");
+    wait_same(
+        &cl,
+        "SELECT id, a, c FROM t ORDER BY id",
+        Duration::from_secs(60),
+    )
+    .await;
+    let rewritten = metric(
+        &addr,
+        &format!(
+            "bitclone9_source_rewritten_tables_total{{connector=\"{}\"}}",
+            cl.spec.name
+        ),
+    )
+    .await;
+    assert_eq!(rewritten, Some(1.0), "not read a second time");
+    drop(daemon);
+    cl.cleanup().await;
+}

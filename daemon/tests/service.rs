@@ -514,25 +514,33 @@ fn metrics_docs_dashboard_and_alerts_agree_with_the_code() {
             })
             .collect()
     };
-    // Every source file of the daemon and the connectors.
+    // Every source file of the daemon and the connectors, in every folder below them.
     let mut code = String::new();
-    for dir in [
+    let mut dirs: Vec<std::path::PathBuf> = [
         "daemon/src",
-        "daemon/src/sink",
         "connectors/core/src",
         "connectors/kafka/src",
         "connectors/postgres-source/src",
         "connectors/postgres-sink/src",
-    ] {
-        let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
-            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+    ]
+    .iter()
+    .map(|d| root.join(d))
+    .collect();
+    while let Some(dir) = dirs.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{dir:?}: {e}"))
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "rs"))
             .collect();
-        files.sort();
-        for f in files {
-            code.push_str(&std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{f:?}: {e}")));
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                code.push_str(
+                    &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p:?}: {e}")),
+                );
+            }
         }
     }
     let exported = names(&code);

@@ -12,7 +12,7 @@ pub mod registry;
 pub mod schema;
 pub mod security;
 
-use bitclone9_core::{Change, Op, TableSchema};
+use bitclone9_core::{Change, Lsn, Op, SnapshotMark, TableId, TableSchema, TxInfo};
 use encode::{EncodeError, SourceInfo};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
@@ -159,7 +159,11 @@ impl TopicSettings {
     }
 
     pub fn topic_for(&self, table: &TableSchema) -> String {
-        format!("{}.{}.{}", self.prefix, table.id.schema, table.id.name)
+        self.topic_for_id(&table.id)
+    }
+
+    pub fn topic_for_id(&self, table: &TableId) -> String {
+        format!("{}.{}.{}", self.prefix, table.schema, table.name)
     }
 }
 
@@ -585,6 +589,91 @@ impl EventWriter {
         Ok(())
     }
 
+    /// Announces on `table`'s topic that the table was dropped at the source: a truncate (the
+    /// table holds no rows any more) at position `lsn` with the header
+    /// [`TABLE_DROPPED_HEADER`], written to every partition like any truncate, so that sinks
+    /// apply it once every partition reached it. Returns false, writing nothing, when the table
+    /// never had a value schema (no topic to announce it on) or its topic is compacted (a
+    /// truncate has no key).
+    pub async fn send_drop_marker(
+        &mut self,
+        table: &TableId,
+        lsn: Lsn,
+        now_ms: i64,
+        deliveries: &mut Vec<DeliveryFuture>,
+    ) -> Result<bool, SinkError> {
+        let topic = self.topics.topic_for_id(table);
+        if self.topics.compacted() {
+            tracing::warn!(table = %table, topic = %topic, "drop not announced: the topic is compacted and a truncate event has no key");
+            return Ok(false);
+        }
+        let known = self
+            .targets
+            .values()
+            .find(|t| t.schema.id == *table)
+            .map(|t| (t.value_schema_id, t.partitions));
+        let (schema_id, partitions) = match known {
+            Some(k) => k,
+            None => {
+                let id = match self.registry.latest_value_schema(&topic).await {
+                    Ok((id, _)) => id,
+                    Err(decode::DecodeError::RegistryUnreachable { url, detail }) => {
+                        return Err(SinkError::RegistryUnreachable { url, detail })
+                    }
+                    Err(e) => {
+                        tracing::info!(table = %table, topic = %topic, "drop not announced: {e}");
+                        return Ok(false);
+                    }
+                };
+                (id, self.ensure_topic(&topic).await?)
+            }
+        };
+        let change = Change {
+            table: Arc::new(TableSchema {
+                id: table.clone(),
+                relation_id: 0,
+                columns: Vec::new(),
+            }),
+            op: Op::Truncate,
+            before: None,
+            after: None,
+            tx: TxInfo {
+                xid: None,
+                commit_lsn: lsn,
+                commit_time_us: now_ms.saturating_mul(1000),
+            },
+            seq: 0,
+            snapshot: SnapshotMark::No,
+        };
+        self.value_buf.clear();
+        encode::encode_envelope(
+            &mut self.value_buf,
+            schema_id,
+            &change,
+            &self.source,
+            now_ms,
+        )?;
+        let fanout = partitions.to_string();
+        let headers = tx_headers(&change)
+            .insert(Header {
+                key: TRUNCATE_FANOUT_HEADER,
+                value: Some(&fanout),
+            })
+            .insert(Header {
+                key: TABLE_DROPPED_HEADER,
+                value: Some("true"),
+            });
+        for partition in 0..partitions {
+            let rec = FutureRecord::<[u8], [u8]>::to(&topic)
+                .payload(&self.value_buf)
+                .headers(headers.clone())
+                .partition(partition);
+            deliveries.push(enqueue(&self.producer, rec).await?);
+        }
+        tracing::info!(table = %table, topic = %topic, lsn = %lsn, partitions, "announced the table's drop on its topic");
+        Ok(true)
+    }
+
     /// Waits until every enqueued record is delivered or `timeout` passes.
     pub fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
         self.producer
@@ -629,6 +718,10 @@ impl TopicView {
 /// The header of a truncate record: how many partitions of its topic it was written to (one
 /// record each).
 pub const TRUNCATE_FANOUT_HEADER: &str = "bitclone9.partitions";
+
+/// The header (value `true`) that makes a truncate record the announcement that its table was
+/// dropped at the source (see [`EventWriter::send_drop_marker`]).
+pub const TABLE_DROPPED_HEADER: &str = "bitclone9.dropped";
 
 /// Headers naming the source transaction, so consumers' logs and dead letters can be traced back
 /// to it without decoding the value: `bitclone9.lsn` (commit LSN, `X/Y`), `bitclone9.txid`

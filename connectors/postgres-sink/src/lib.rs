@@ -11,10 +11,12 @@
 //! together: after a crash the sink starts from exactly what the target holds.
 
 mod columns;
+mod dropped;
 mod keyless;
 pub mod text;
 
 pub use columns::ColumnDrop;
+pub use dropped::TableDrop;
 
 use bitclone9_core::{Change, Column, Op, SnapshotMark, TableId, TableSchema, Value};
 use bitclone9_postgres_source::{connect_session, PgEndpoint};
@@ -106,6 +108,8 @@ pub struct PostgresTargetConfig {
     pub schema: Option<String>,
     /// What a source column's drop does to its target column.
     pub on_column_drop: ColumnDrop,
+    /// What a source table's drop does to its target table.
+    pub on_table_drop: TableDrop,
 }
 
 /// What the sink has applied from one partition: its Kafka offset and the source position of

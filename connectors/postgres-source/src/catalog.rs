@@ -209,6 +209,60 @@ pub async fn published_tables(client: &Client, name: &str) -> Result<Vec<TableId
         .collect())
 }
 
+/// Whether a table of this name exists.
+pub async fn table_exists(client: &Client, table: &TableId) -> Result<bool, SourceError> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_table(table)])
+        .await
+        .map_err(q("looking for a table"))?
+        .get(0))
+}
+
+/// Which of the relation OIDs `oids` still exist.
+pub async fn existing_relations(client: &Client, oids: &[u32]) -> Result<Vec<u32>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT oid FROM pg_class WHERE oid = ANY($1::oid[])",
+            &[&oids],
+        )
+        .await
+        .map_err(q("looking for dropped tables"))?;
+    Ok(rows.iter().map(|r| r.get::<_, u32>(0)).collect())
+}
+
+/// Every live, non-generated column of the publication's tables: the table, the column's
+/// number and name, and whether it has a default or identity (see [`CatalogColumn::filled`]).
+pub async fn published_columns(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<(TableId, i16, String, bool)>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT pt.schemaname::text, pt.tablename::text, a.attnum, a.attname::text,
+                    a.atthasmissing OR a.atthasdef OR a.attidentity <> ''
+             FROM pg_publication_tables pt
+             JOIN pg_namespace n ON n.nspname = pt.schemaname
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+             JOIN pg_attribute a ON a.attrelid = c.oid
+             WHERE pt.pubname = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+             ORDER BY 1, 2, 3",
+            &[&publication],
+        )
+        .await
+        .map_err(q("reading the publication's columns"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                TableId::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+            )
+        })
+        .collect())
+}
+
 /// Installs (once per database) the event trigger that writes a transactional logical message
 /// with prefix [`crate::DDL_PREFIX`] into each transaction that creates, drops or alters a
 /// table, so that the source checks its catalog as soon as that transaction arrives.

@@ -197,11 +197,16 @@ pub struct ResumeState {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableShape {
     /// The snapshot's consistent point, or the commit LSN of the transaction whose Relation
-    /// message described the table. A message below it, or at it without a column beyond it,
-    /// is a replay: it changes nothing.
+    /// message described the table, or the stream's position when a catalog check found a
+    /// column added since. A message below it, or without a column beyond it, changes nothing.
     pub lsn: Lsn,
-    /// Live columns' numbers (`attnum`), rising.
+    /// Column numbers (`attnum`) described, rising. A column dropped since may keep its
+    /// number here: PostgreSQL never gives that number to another column of the table.
     pub attnums: Vec<i16>,
+    /// The table's relation OID when it was described (0: unknown, stored by an older
+    /// BitClone9). A table whose OID is gone from the catalog was dropped, even if a table of
+    /// the same name exists again.
+    pub relation_id: u32,
 }
 
 /// A failure of the source. [`SourceError::is_transient`] tells whether retrying may help.
@@ -455,6 +460,10 @@ pub struct PostgresSource {
     catalog_check_due: bool,
     /// The columns of each table as last described (see [`TableShape`]).
     shapes: HashMap<TableId, TableShape>,
+    /// Tables taken out of the publication at start (see [`PostgresSource::unmatched`]).
+    unmatched: Vec<TableId>,
+    /// See [`PostgresSource::take_gone_at_start`].
+    gone_at_start: Vec<(TableId, Lsn)>,
 }
 
 /// What a catalog check found since the last one.
@@ -463,9 +472,66 @@ pub struct CatalogChanges {
     /// Tables that match include/exclude and are not published yet: the next run adds and
     /// reads them.
     pub new: Vec<TableId>,
-    /// Tables the publication held and no longer does: dropped at the source (PostgreSQL takes
-    /// a dropped table out of its publications) or removed from the publication by hand.
-    pub dropped: Vec<TableId>,
+    /// Tables the publication held and no longer does, although they still exist: taken out
+    /// of the publication by hand. (A dropped table leaves its publications too; it is in
+    /// `gone`.)
+    pub unpublished: Vec<TableId>,
+    /// Tables captured before whose relation is gone from the catalog: dropped at the source
+    /// (perhaps created again under the same name, which is then in `new`).
+    pub gone: Vec<TableId>,
+    /// Tables with a column added since their stored shape that has a default or identity:
+    /// PostgreSQL gave their existing rows a value without row changes in the WAL, and the
+    /// table's next Relation message may be long in coming (an idle table), so they are read
+    /// again now. Each with the columns found and the shape to store.
+    pub rewritten: Vec<RewrittenTable>,
+}
+
+/// A table whose rows took values no row change carries (see [`CatalogChanges::rewritten`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrittenTable {
+    pub table: TableId,
+    /// The columns added with a default or identity.
+    pub columns: Vec<String>,
+    /// The stored shape's numbers with today's columns' added.
+    pub attnums: Vec<i16>,
+}
+
+/// Takes the tables whose relation is gone from the catalog out of `shapes`, and returns them.
+async fn find_gone(
+    sql: &tokio_postgres::Client,
+    shapes: &mut HashMap<TableId, TableShape>,
+) -> Result<Vec<TableId>, SourceError> {
+    let oids: Vec<u32> = shapes
+        .values()
+        .map(|s| s.relation_id)
+        .filter(|id| *id != 0)
+        .collect();
+    if oids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let existing = catalog::existing_relations(sql, &oids).await?;
+    let mut gone: Vec<TableId> = shapes
+        .iter()
+        .filter(|(_, s)| s.relation_id != 0 && !existing.contains(&s.relation_id))
+        .map(|(t, _)| t.clone())
+        .collect();
+    gone.sort();
+    for t in &gone {
+        shapes.remove(t);
+    }
+    Ok(gone)
+}
+
+async fn wal_position(sql: &tokio_postgres::Client) -> Result<Lsn, SourceError> {
+    let lsn: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| SourceError::from_postgres("reading the current WAL position", e))?
+        .get(0);
+    lsn.parse::<Lsn>().map_err(|e| SourceError::Misconfigured {
+        problem: format!("the server reported WAL position {lsn:?}: {e}"),
+        fix: "report this as a bug".into(),
+    })
 }
 
 fn session_options() -> String {
@@ -499,12 +565,22 @@ impl PostgresSource {
     /// out with a warning instead of stopping the source.
     pub async fn catalog_changes(&mut self) -> Result<CatalogChanges, SourceError> {
         let published = catalog::published_tables(&self.sql, &self.cfg.publication).await?;
-        let dropped: Vec<TableId> = self
-            .published
-            .iter()
-            .filter(|t| !published.contains(t))
-            .cloned()
-            .collect();
+        let mut gone = self.gone_tables().await?;
+        let mut unpublished = Vec::new();
+        for t in self.published.iter().filter(|t| !published.contains(t)) {
+            if gone.contains(t) {
+                continue;
+            }
+            // A table without a stored shape (none described yet) is told by its name.
+            if !self.shapes.contains_key(t) && !catalog::table_exists(&self.sql, t).await? {
+                gone.push(t.clone());
+            } else {
+                unpublished.push(t.clone());
+            }
+        }
+        for t in &unpublished {
+            self.shapes.remove(t);
+        }
         self.published = published.clone();
         let selection = match catalog::select_tables(
             &self.sql,
@@ -536,7 +612,90 @@ impl PostgresSource {
                 self.left_out.push(t);
             }
         }
-        Ok(CatalogChanges { new, dropped })
+        let rewritten = self.rewritten_tables().await?;
+        Ok(CatalogChanges {
+            new,
+            unpublished,
+            gone,
+            rewritten,
+        })
+    }
+
+    /// Tables with a stored shape whose relation is gone from the catalog (dropped), taken out
+    /// of the shapes kept here so that each is found once. The caller stores that (see
+    /// `CheckpointStore::record_drop`).
+    pub async fn gone_tables(&mut self) -> Result<Vec<TableId>, SourceError> {
+        find_gone(&self.sql, &mut self.shapes).await
+    }
+
+    /// The server's current WAL write position: every transaction committed before the call
+    /// ends below it.
+    pub async fn wal_position(&self) -> Result<Lsn, SourceError> {
+        wal_position(&self.sql).await
+    }
+
+    /// Tables found dropped (see [`Self::gone_tables`]) when this run started, with the WAL
+    /// position before anything this run reads: each once.
+    pub fn take_gone_at_start(&mut self) -> Vec<(TableId, Lsn)> {
+        std::mem::take(&mut self.gone_at_start)
+    }
+
+    /// Whether `table` is in the publication (as of the start or the last catalog check).
+    pub fn is_published(&self, table: &TableId) -> bool {
+        self.published.contains(table)
+    }
+
+    /// Tables taken out of the publication at start because include/exclude no longer match
+    /// them: they are no longer captured, so their drop later is nobody's concern.
+    pub fn unmatched(&self) -> &[TableId] {
+        &self.unmatched
+    }
+
+    /// Published tables whose catalog has a live column beyond their stored shape that was
+    /// added with a default or identity (see [`CatalogChanges::rewritten`]). Tables without a
+    /// stored shape are not compared.
+    async fn rewritten_tables(&self) -> Result<Vec<RewrittenTable>, SourceError> {
+        if self.shapes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let columns = catalog::published_columns(&self.sql, &self.cfg.publication).await?;
+        let mut out: Vec<RewrittenTable> = Vec::new();
+        for (table, attnum, name, filled) in columns {
+            let Some(shape) = self.shapes.get(&table) else {
+                continue;
+            };
+            if shape.attnums.contains(&attnum) {
+                continue;
+            }
+            let entry = match out.iter_mut().position(|r| r.table == table) {
+                Some(i) => &mut out[i],
+                None => {
+                    out.push(RewrittenTable {
+                        table: table.clone(),
+                        columns: Vec::new(),
+                        attnums: shape.attnums.clone(),
+                    });
+                    let last = out.len() - 1;
+                    &mut out[last]
+                }
+            };
+            entry.attnums.push(attnum);
+            if filled {
+                entry.columns.push(name);
+            }
+        }
+        // A column added without a default only waits for the table's next Relation message.
+        out.retain(|r| !r.columns.is_empty());
+        for r in &mut out {
+            r.attnums.sort_unstable();
+            r.attnums.dedup();
+        }
+        Ok(out)
+    }
+
+    /// The stored shape of `table`, if any (see [`TableShape`]).
+    pub fn shape(&self, table: &TableId) -> Option<&TableShape> {
+        self.shapes.get(table)
     }
 
     /// Whether the DDL trigger noted a table change since the last call: check the catalog.
@@ -571,6 +730,17 @@ impl PostgresSource {
         );
         let sql = connect_sql(&cfg).await?;
         catalog::check_server(&sql, &cfg.endpoint.user).await?;
+        // Tables dropped while the daemon was stopped, found before any slot or snapshot of
+        // this run exists: the position of their announcement is below whatever a table of
+        // the same name, created again, is read at.
+        let gone = find_gone(&sql, &mut resume.shapes).await?;
+        let gone_at_start = match gone.is_empty() {
+            true => Vec::new(),
+            false => {
+                let lsn = wal_position(&sql).await?;
+                gone.into_iter().map(|t| (t, lsn)).collect()
+            }
+        };
         if cfg.ddl_trigger {
             catalog::install_ddl_trigger(&sql, &cfg.endpoint.database).await?;
         }
@@ -604,6 +774,7 @@ impl PostgresSource {
             .filter(|t| !tables.contains(t) && !left_out.contains(t))
             .cloned()
             .collect();
+        let mut taken_out = Vec::new();
         if !unmatched.is_empty() {
             // include/exclude changed: stop capturing those tables.
             let names: Vec<String> = unmatched.iter().map(ToString::to_string).collect();
@@ -619,6 +790,10 @@ impl PostgresSource {
                     tracing::info!(source = %cfg.name, tables = %names.join(", "),
                         "tables no longer matching include/exclude removed from the publication");
                     published.retain(|t| !unmatched.contains(t));
+                    for t in &unmatched {
+                        resume.shapes.remove(t);
+                    }
+                    taken_out = unmatched;
                 }
                 Err(e) => tracing::warn!(source = %cfg.name, tables = %names.join(", "),
                     "tables no longer match include/exclude but stay captured: {e}"),
@@ -816,6 +991,8 @@ impl PostgresSource {
             replaying: None,
             catalog_check_due: false,
             shapes: std::mem::take(&mut resume.shapes),
+            unmatched: taken_out,
+            gone_at_start,
         };
         if matches!(source.phase, Phase::Streaming) {
             source.start_stream().await?;

@@ -78,6 +78,7 @@ impl PostgresSource {
                 let shape = TableShape {
                     lsn: state.consistent_point,
                     attnums: table.columns.iter().filter_map(|c| c.attnum).collect(),
+                    relation_id: table.relation_id,
                 };
                 self.shapes.insert(table.id.clone(), shape.clone());
                 out.push(SourceEvent::Shape {

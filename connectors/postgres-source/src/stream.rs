@@ -433,13 +433,14 @@ impl PostgresSource {
             return None;
         }
         let rows_rewritten = match self.shapes.get(&schema.id) {
-            // Earlier than the stored shape, or no column beyond it within the same
-            // transaction (a transaction may alter a table twice): a replay, or no change.
-            Some(last)
-                if lsn < last.lsn
-                    || last.attnums == attnums
-                    || (lsn == last.lsn && attnums.iter().all(|a| last.attnums.contains(a))) =>
-            {
+            // Earlier than the stored shape: a replay. No column beyond it: nothing to store,
+            // since a column number is never used twice in a table, so a number the stored
+            // shape holds and the table lost (a DROP COLUMN) can never come back, and a message
+            // of an older shape (a transaction from before a DDL that the catalog check already
+            // stored) must not hide the newer one.
+            // Another table of the same name (dropped and created again): its shape starts anew.
+            Some(last) if last.relation_id != 0 && last.relation_id != schema.relation_id => false,
+            Some(last) if lsn < last.lsn || attnums.iter().all(|a| last.attnums.contains(a)) => {
                 return None
             }
             Some(last) => {
@@ -461,7 +462,11 @@ impl PostgresSource {
             }
             None => false,
         };
-        let shape = TableShape { lsn, attnums };
+        let shape = TableShape {
+            lsn,
+            attnums,
+            relation_id: schema.relation_id,
+        };
         self.shapes.insert(schema.id.clone(), shape.clone());
         Some(SourceEvent::Shape {
             table: schema.id.clone(),

@@ -351,6 +351,17 @@ pub enum ColumnDropSetting {
     Drop,
 }
 
+/// `on_table_drop`: `"keep"` (the default) or `"drop"`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TableDropSetting {
+    /// Keep the target table with the rows it had when the source table was dropped.
+    #[default]
+    Keep,
+    /// Drop the target table too.
+    Drop,
+}
+
 /// `on_incompatible_schema`: `"stop"` (the default) or `"new_version"`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -435,6 +446,9 @@ pub struct SinkConfig {
     /// What a column dropped at the source does to its target column.
     #[serde(default)]
     pub on_column_drop: ColumnDropSetting,
+    /// What a table dropped at the source does to its target table.
+    #[serde(default)]
+    pub on_table_drop: TableDropSetting,
     #[serde(default)]
     pub on_error: OnError,
     /// Dead-letter topic; default `bitclone9.dead-letter.<name>`.
@@ -1368,6 +1382,8 @@ database = "shop"
         assert!(msg.contains("demo"), "{msg}");
         let (path, _) = invalid(&sink("topic_pattern = \"demo.*\""));
         assert_eq!(path, "sinks.copy.topic_pattern");
+        let (path, _) = invalid(&sink("topics = [\"a\"]\non_table_drop = \"purge\""));
+        assert_eq!(path, "sinks.copy.on_table_drop");
         let (path, _) = invalid(&sink("topics = [\"a\"]\non_error = \"ignore\""));
         assert_eq!(path, "sinks.copy.on_error");
         let (path, _) = invalid(&sink("topics = [\"a\"]\nmax_batch_events = 0"));
