@@ -331,11 +331,14 @@ impl CheckpointStore {
         })
     }
 
-    /// The column numbers last stored for each table of `source`.
-    pub fn shapes(&self, source: &str) -> Result<HashMap<TableId, TableShape>, CheckpointError> {
-        let prefix = shape_prefix(source);
+    /// The entries under a per-table `prefix` (see `table_key`), each decoded by `value`.
+    fn scan_tables<T>(
+        &self,
+        prefix: &str,
+        value: impl Fn(&[u8]) -> Option<T>,
+    ) -> Result<Vec<(TableId, T)>, CheckpointError> {
         self.with_db(|db| {
-            let mut shapes = HashMap::new();
+            let mut out = Vec::new();
             for kv in db.prefix_iterator(prefix.as_bytes()) {
                 let (k, v) = kv?;
                 let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
@@ -344,18 +347,23 @@ impl CheckpointStore {
                 let corrupt = || CheckpointError::Corrupt(String::from_utf8_lossy(&k).into());
                 let (schema, name): (String, String) =
                     serde_json::from_slice(rest).map_err(|_| corrupt())?;
-                let stored: StoredShape = serde_json::from_slice(&v).map_err(|_| corrupt())?;
-                shapes.insert(
-                    TableId::new(schema, name),
-                    TableShape {
-                        lsn: Lsn(stored.lsn),
-                        attnums: stored.attnums,
-                        relation_id: stored.relation_id,
-                    },
-                );
+                out.push((TableId::new(schema, name), value(&v).ok_or_else(corrupt)?));
             }
-            Ok(shapes)
+            Ok(out)
         })
+    }
+
+    /// The column numbers last stored for each table of `source`.
+    pub fn shapes(&self, source: &str) -> Result<HashMap<TableId, TableShape>, CheckpointError> {
+        let shapes = self.scan_tables(&shape_prefix(source), |v| {
+            let stored: StoredShape = serde_json::from_slice(v).ok()?;
+            Some(TableShape {
+                lsn: Lsn(stored.lsn),
+                attnums: stored.attnums,
+                relation_id: stored.relation_id,
+            })
+        })?;
+        Ok(shapes.into_iter().collect())
     }
 
     /// Stores `table`'s shape, and with `resync` a request to read it again, in one durable
@@ -386,20 +394,8 @@ impl CheckpointStore {
 
     /// The tables of `source` whose resync was asked for and not yet delivered.
     pub fn pending_resyncs(&self, source: &str) -> Result<Vec<TableId>, CheckpointError> {
-        let prefix = resync_prefix(source);
-        self.with_db(|db| {
-            let mut tables = Vec::new();
-            for kv in db.prefix_iterator(prefix.as_bytes()) {
-                let (k, _) = kv?;
-                let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
-                    break;
-                };
-                let (schema, name): (String, String) = serde_json::from_slice(rest)
-                    .map_err(|_| CheckpointError::Corrupt(String::from_utf8_lossy(&k).into()))?;
-                tables.push(TableId::new(schema, name));
-            }
-            Ok(tables)
-        })
+        let tables = self.scan_tables(&resync_prefix(source), |_| Some(()))?;
+        Ok(tables.into_iter().map(|(t, ())| t).collect())
     }
 
     /// Records (durably) that `table` of `source` is to be read again; the request survives a
@@ -476,21 +472,8 @@ impl CheckpointStore {
     /// Drops of `source`'s tables recorded and not announced yet, with the WAL position each
     /// was found at.
     pub fn pending_drops(&self, source: &str) -> Result<Vec<(TableId, Lsn)>, CheckpointError> {
-        let prefix = drop_prefix(source);
-        self.with_db(|db| {
-            let mut out = Vec::new();
-            for kv in db.prefix_iterator(prefix.as_bytes()) {
-                let (k, v) = kv?;
-                let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
-                    break;
-                };
-                let corrupt = || CheckpointError::Corrupt(String::from_utf8_lossy(&k).into());
-                let (schema, name): (String, String) =
-                    serde_json::from_slice(rest).map_err(|_| corrupt())?;
-                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
-                out.push((TableId::new(schema, name), Lsn(u64::from_be_bytes(bytes))));
-            }
-            Ok(out)
+        self.scan_tables(&drop_prefix(source), |v| {
+            Some(Lsn(u64::from_be_bytes(v.try_into().ok()?)))
         })
     }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::clone::wait_same;
 use common::*;
 use std::time::{Duration, Instant};
 
@@ -299,39 +300,6 @@ async fn a_dropped_table_is_reported_and_a_table_the_config_no_longer_matches_le
     assert_eq!(publication_tables(&db).await, ["keep"]);
     daemon.terminate();
     cleanup(&db).await;
-}
-
-async fn read_rows(c: &tokio_postgres::Client, query: &str) -> Vec<String> {
-    match c
-        .query(&format!("SELECT q::text FROM ({query}) q"), &[])
-        .await
-    {
-        Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
-        Err(e) => vec![format!("error: {e}")],
-    }
-}
-
-/// Waits until `query` reads the same in the source and the target of `cl`.
-async fn wait_same(cl: &common::clone::Clone, query: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (a, b) = (
-            read_rows(&cl.src, query).await,
-            read_rows(&cl.dst, query).await,
-        );
-        if a == b {
-            return;
-        }
-        if Instant::now() > deadline {
-            let first = a.iter().zip(&b).find(|(x, y)| x != y);
-            panic!(
-                "{query}: source and target differ after {timeout:?} ({} vs {} rows), first: {first:?}",
-                a.len(),
-                b.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 async fn column_types(c: &tokio_postgres::Client, table: &str) -> Vec<(String, String, bool)> {
@@ -696,17 +664,7 @@ async fn an_idle_table_given_a_column_with_a_default_is_read_again_without_a_row
         2,
     )
     .await;
-    let text = std::fs::read_to_string(&cl.config).expect("config");
-    let topics = format!("[sources.{}.topics]", cl.spec.db);
-    std::fs::write(
-        &cl.config,
-        text.replacen(
-            &topics,
-            &format!("new_table_check_interval = \"1s\"\n{topics}"),
-            1,
-        ),
-    )
-    .expect("config");
+    cl.set_source_option("new_table_check_interval = \"1s\"");
     let mut daemon = Daemon::start(&cl.config, "idledef");
     wait_same(
         &cl,
@@ -738,15 +696,12 @@ async fn an_idle_table_given_a_column_with_a_default_is_read_again_without_a_row
     )
     .await;
     let addr = admin_addr(&mut daemon).await;
-    let rewritten = metric(
-        &addr,
-        &format!(
-            "bitclone9_source_rewritten_tables_total{{connector=\"{}\"}}",
-            cl.spec.name
-        ),
-    )
-    .await;
-    assert_eq!(rewritten, Some(1.0), "read again once");
+    let rewritten = "bitclone9_source_rewritten_tables_total";
+    assert_eq!(
+        metric_sum(&addr, rewritten, "").await,
+        1.0,
+        "read again once"
+    );
     assert!(daemon
         .log_text()
         .contains("gave every existing row a value the WAL does not carry"));
@@ -762,15 +717,11 @@ async fn an_idle_table_given_a_column_with_a_default_is_read_again_without_a_row
         Duration::from_secs(60),
     )
     .await;
-    let rewritten = metric(
-        &addr,
-        &format!(
-            "bitclone9_source_rewritten_tables_total{{connector=\"{}\"}}",
-            cl.spec.name
-        ),
-    )
-    .await;
-    assert_eq!(rewritten, Some(1.0), "not read a second time");
+    assert_eq!(
+        metric_sum(&addr, rewritten, "").await,
+        1.0,
+        "not read a second time"
+    );
     drop(daemon);
     cl.cleanup().await;
 }

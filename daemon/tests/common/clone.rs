@@ -70,9 +70,56 @@ max_batch_wait = "10ms"
         format!("{}_clone", self.spec.db)
     }
 
+    /// Adds `line` (e.g. `new_table_check_interval = "1s"`) to the source's section.
+    pub fn set_source_option(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        let topics = format!("[sources.{}.topics]", self.spec.db);
+        assert!(text.contains(&topics), "the config has {topics}");
+        std::fs::write(
+            &self.config,
+            text.replacen(&topics, &format!("{line}\n{topics}"), 1),
+        )
+        .expect("config");
+    }
+
     pub async fn cleanup(&self) {
         cleanup(&self.spec.db).await;
         cleanup(&self.target_db).await;
+    }
+}
+
+/// The rows `query` reads, as text (one line naming the error if it fails, e.g. for a
+/// missing table).
+pub async fn read_rows(c: &Client, query: &str) -> Vec<String> {
+    match c
+        .query(&format!("SELECT q::text FROM ({query}) q"), &[])
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
+        Err(e) => vec![format!("error: {e}")],
+    }
+}
+
+/// Waits until `query` reads the same in the source and the target of `cl`.
+pub async fn wait_same(cl: &Clone, query: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (a, b) = (
+            read_rows(&cl.src, query).await,
+            read_rows(&cl.dst, query).await,
+        );
+        if a == b {
+            return;
+        }
+        if Instant::now() > deadline {
+            let first = a.iter().zip(&b).find(|(x, y)| x != y);
+            panic!(
+                "{query}: source and target differ after {timeout:?} ({} vs {} rows), first: {first:?}",
+                a.len(),
+                b.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 

@@ -647,6 +647,17 @@ pub async fn http_request(
 }
 
 /// Parses Prometheus text format into (name with labels) -> value.
+/// The sum of the samples of metric `name` (exactly that name) whose labels contain `label`
+/// (e.g. `action="kept"`; "" for all).
+pub async fn metric_sum(addr: &str, name: &str, label: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics", None).await;
+    parse_prometheus(&body)
+        .into_iter()
+        .filter(|(k, _)| (k == name || k.starts_with(&format!("{name}{{"))) && k.contains(label))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
