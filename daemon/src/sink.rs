@@ -836,11 +836,6 @@ async fn apply_once(
                 counts[c.op as usize] += 1;
             }
         }
-        for (table, gone) in &dropped_tables {
-            tracing::warn!(connector = %cfg.name, table = %table,
-                "{}", if *gone { "the source dropped this table: its target table is dropped too (on_table_drop = \"drop\")" }
-                    else { "the source dropped this table: its target table is kept with its rows (on_table_drop = \"keep\")" });
-        }
         if let (Some(first), PoisonPolicy::Stop) = (letters.first(), cfg.on_error) {
             return Err(SinkPipelineError::Poison {
                 topic: first.item.msg.topic().to_string(),
@@ -890,11 +885,14 @@ async fn apply_once(
             for (i, n) in counts.iter().enumerate() {
                 m.applied[i].increment(*n);
             }
-            for (_, gone) in &dropped_tables {
+            for (table, gone) in &dropped_tables {
                 match gone {
                     true => m.tables_dropped.increment(1),
                     false => m.tables_kept.increment(1),
                 }
+                tracing::warn!(connector = %cfg.name, table = %table,
+                    "{}", if *gone { "the source dropped this table: its target table is dropped too (on_table_drop = \"drop\")" }
+                        else { "the source dropped this table: its target table is kept with its rows (on_table_drop = \"keep\")" });
             }
             Ok(Outcome {
                 positions,

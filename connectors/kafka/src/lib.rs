@@ -297,6 +297,7 @@ impl EventWriter {
 
     /// Creates the table's topic when missing and registers its schemas for this shape.
     pub async fn prepare(&mut self, table: &Arc<TableSchema>) -> Result<(), SinkError> {
+        let original = table;
         let topic = self.topics.topic_for(table);
         if self.topics.compacted() && !table.has_key() {
             return Err(SinkError::Config(format!(
@@ -309,6 +310,8 @@ impl EventWriter {
             Some(t) => t.partitions,
             None => self.ensure_topic(&topic).await?,
         };
+        let numbered = self.with_known_attnums(table, &topic).await?;
+        let table = numbered.as_ref().unwrap_or(table);
         let key_schema_id = match schema::key_schema(table, &topic) {
             Some(s) => Some(
                 self.register_checked(table, &format!("{topic}-key"), &s)
@@ -321,6 +324,7 @@ impl EventWriter {
             .register_checked(table, &format!("{topic}-value"), &value)
             .await?;
         tracing::info!(table = %table.id, topic = %topic, key_schema_id, value_schema_id, "table prepared");
+        let table = original;
         self.targets.insert(
             table.relation_id,
             TableTarget {
@@ -333,6 +337,37 @@ impl EventWriter {
             },
         );
         Ok(())
+    }
+
+    /// `table` with the column numbers its columns lack (none when its relation is gone from
+    /// the catalog: changes of a dropped table, sent again after a restart) taken by name from
+    /// the latest value schema of its topic, so that it registers the schemas its events had:
+    /// a key schema of another id would put its keys on other partitions. `None` when nothing
+    /// lacks a number or nothing is known.
+    async fn with_known_attnums(
+        &self,
+        table: &Arc<TableSchema>,
+        topic: &str,
+    ) -> Result<Option<Arc<TableSchema>>, SinkError> {
+        if table.columns.iter().all(|c| c.attnum.is_some()) {
+            return Ok(None);
+        }
+        let Some(latest) = self.registry.latest(&format!("{topic}-value")).await? else {
+            return Ok(None);
+        };
+        let known = schema::attnums_by_name(&latest);
+        let mut numbered = TableSchema::clone(table);
+        let mut found = false;
+        for c in numbered.columns.iter_mut().filter(|c| c.attnum.is_none()) {
+            if let Some(n) = known.get(&c.name) {
+                c.attnum = Some(*n);
+                found = true;
+            }
+        }
+        if found {
+            tracing::debug!(table = %table.id, topic, "column numbers taken from the topic's latest schema (the table is not in the catalog)");
+        }
+        Ok(found.then(|| Arc::new(numbered)))
     }
 
     /// Registers a schema of `table` under `subject`, checking it against the subject's

@@ -3,6 +3,7 @@
 
 use bitclone9_core::{ColumnType, TableSchema};
 use serde_json::{json, Map, Value as Json};
+use std::collections::HashMap;
 
 /// The envelope's `source` record, as shipped in `schemas/source.avsc`.
 pub const SOURCE_AVSC: &str = include_str!("../../../schemas/source.avsc");
@@ -180,6 +181,28 @@ pub fn value_schema(table: &TableSchema, topic: &str) -> Result<String, Template
     Ok(envelope.to_string())
 }
 
+/// The source column numbers (`pg.attnum`) an envelope schema gives its columns, by the
+/// columns' source names.
+pub fn attnums_by_name(schema: &str) -> HashMap<String, i16> {
+    let Ok(parsed) = serde_json::from_str::<Json>(schema) else {
+        return HashMap::new();
+    };
+    let fields = parsed["fields"]
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f["name"] == "before"))
+        .and_then(|f| f["type"].get(1))
+        .and_then(|r| r["fields"].as_array());
+    fields
+        .into_iter()
+        .flatten()
+        .filter_map(|f| {
+            let attnum = i16::try_from(f["pg.attnum"].as_i64()?).ok()?;
+            let name = f["pg.name"].as_str().or(f["name"].as_str())?;
+            Some((name.to_string(), attnum))
+        })
+        .collect()
+}
+
 /// The column fields of a key or envelope schema: `(name, type)` in order. Envelope fields are
 /// those of its `Value` record (the `before` and `after` image).
 fn column_fields(schema: &str) -> Option<Vec<(String, Json)>> {
@@ -290,6 +313,26 @@ mod tests {
                 col("tags", ColumnType::Array(Box::new(ColumnType::Text)), false),
             ],
         }
+    }
+
+    #[test]
+    fn column_numbers_are_read_back_by_the_columns_source_names() {
+        let mut t = table();
+        for (i, c) in t.columns.iter_mut().enumerate() {
+            c.attnum = (i != 3).then_some(i as i16 + 1);
+        }
+        let value = value_schema(&t, "demo.public.orders").expect("value");
+        let known = attnums_by_name(&value);
+        // "total price" is sanitised in the schema and named by pg.name; tags has no number.
+        assert_eq!(
+            known,
+            HashMap::from([
+                ("id".to_string(), 1),
+                ("total price".to_string(), 2),
+                ("total_price".to_string(), 3),
+            ])
+        );
+        assert!(attnums_by_name("not json").is_empty());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! Kafka topics ──► KafkaEvent (deduplicated by position) ──────┐
-//! workload ──(tx, effects)──► History ─┬─ events, gaps ────────┴─► check_kafka ──────┐
+//!      └─────────► DropMarks (drop announcements) ─────────────┼─► check_drops ──────┐
+//! workload ──(tx, effects)──► History ─┬─ events, (table) gaps ─┴─► check_kafka ──────┤
 //!                                      └─ states ──────────────┐                     ├─► Findings
 //! target samples ──► Observed (states seen per key) ───────────┴─► check_observed ───┘
 //! ```
@@ -10,18 +11,41 @@
 //! A gap is a window of transactions around a slot drop: the daemon re-snapshots, so their row
 //! events may be missing on Kafka (the new snapshot carries their rows). Gaps excuse missing
 //! events there and nothing else: not a doubled event, not one out of order, not a stale state.
+//! A table gap is the same for one table: `late`, from its creation to its read (the daemon
+//! adds it to its publication only then; its rows until its read reach Kafka as the read's
+//! rows, not as row events).
+//!
+//! `gone` is dropped at the source: the target keeps it (`on_table_drop = "keep"`), so it ends
+//! equal to the history's last state of each key, and its topic must carry the drop's
+//! announcement on every partition, after every row event of the table ([`check_drops`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 pub(crate) type Key = (usize, String);
 
+/// How many tables the workload writes (some only for a while: see [`LATE`], [`GONE`]).
+pub(crate) const N_TABLES: usize = 6;
+
 /// Tables of the workload: (name, key columns).
-pub(crate) const TABLES: [(&str, &str); 4] = [
+pub(crate) const TABLES: [(&str, &str); N_TABLES] = [
     ("acct", "id"),
     ("line", "o, n"),
     ("doc", "id"),
     ("txlog", "id"),
+    ("late", "id"),
+    ("gone", "id"),
 ];
+
+/// `late (id, v)`: created by the workload while the clone runs, at a transaction drawn from
+/// the seed; the daemon finds it by its catalog check and reads it like a resync.
+pub(crate) const LATE: usize = 4;
+/// `gone (id, v)`: there from the start (in the initial snapshot), dropped by the workload at a
+/// transaction drawn from the seed.
+pub(crate) const GONE: usize = 5;
+
+/// A sample of the target: per table its rows as key → version, `None` where the table was not
+/// looked at (`late` before its read, or not there yet).
+pub(crate) type Sample = [Option<HashMap<String, i64>>; N_TABLES];
 
 /// What the workload committed, per key: every state in commit order (`None`: no row), and
 /// the row events alone (truncates remove rows without an event per key), each with the number
@@ -30,8 +54,8 @@ pub(crate) const TABLES: [(&str, &str); 4] = [
 pub(crate) struct History {
     pub(crate) states: HashMap<Key, Vec<Option<i64>>>,
     pub(crate) events: HashMap<Key, Vec<(u64, Option<i64>)>>,
-    /// Keys with a row now, per table.
-    pub(crate) live: [Vec<String>; 4],
+    /// Keys with a row now, per table (`gone`'s stay after its drop: the target keeps them).
+    pub(crate) live: [Vec<String>; N_TABLES],
     /// Transactions committed so far; the n-th one is number n.
     pub(crate) committed_tx: u64,
     /// The large transaction committed (and the SIGKILL meant for it is still to come).
@@ -41,6 +65,15 @@ pub(crate) struct History {
     /// slot was dropped, once the slot had confirmed it (Kafka had it and all before it), `end`
     /// once the new snapshot was recorded and applied. Both ends are included, to be safe.
     pub(crate) gaps: Vec<(u64, u64)>,
+    /// Gaps of one table `(table, start, end)`: `late` from the transaction that created it to
+    /// one counted once its read was on Kafka (every transaction before the read's snapshot
+    /// is in its rows, every one after it streams).
+    pub(crate) table_gaps: Vec<(usize, u64, u64)>,
+    /// The transaction that created `late`, once it committed.
+    pub(crate) late_created: Option<u64>,
+    /// The transaction that dropped `gone`, once it committed. The drop is no effect on the
+    /// keys: the target keeps the rows the table had.
+    pub(crate) gone_dropped: Option<u64>,
 }
 
 /// One effect of a transaction on a key.
@@ -86,11 +119,25 @@ impl History {
         }
     }
 
-    /// Whether a row event of transaction `tx` may be missing on Kafka: it lies in a gap.
-    pub(crate) fn excusable(&self, tx: u64) -> bool {
+    /// Whether a row event of table `t` of transaction `tx` may be missing on Kafka: it lies
+    /// in a gap, or in a gap of its table.
+    pub(crate) fn excusable(&self, t: usize, tx: u64) -> bool {
         self.gaps
             .iter()
             .any(|(start, end)| (*start..=*end).contains(&tx))
+            || self
+                .table_gaps
+                .iter()
+                .any(|(table, start, end)| *table == t && (*start..=*end).contains(&tx))
+    }
+
+    /// Table `t`'s rows as the committed transactions left them: key → version.
+    pub(crate) fn final_rows(&self, t: usize) -> HashMap<String, i64> {
+        self.states
+            .iter()
+            .filter(|((table, _), _)| *table == t)
+            .filter_map(|((_, k), s)| s.last().copied().flatten().map(|v| (k.clone(), v)))
+            .collect()
     }
 }
 
@@ -98,13 +145,16 @@ impl History {
 #[derive(Default)]
 pub(crate) struct Observed {
     pub(crate) seen: HashMap<Key, Vec<Option<i64>>>,
-    pub(crate) last: [HashMap<String, i64>; 4],
+    pub(crate) last: [HashMap<String, i64>; N_TABLES],
 }
 
 impl Observed {
-    pub(crate) fn add(&mut self, now: [HashMap<String, i64>; 4]) {
-        for (t, current) in now.iter().enumerate() {
-            for (k, v) in current {
+    /// Adds a sample. A table the sample did not look at keeps its last state: its next look
+    /// is compared with the one before.
+    pub(crate) fn add(&mut self, now: Sample) {
+        for (t, current) in now.into_iter().enumerate() {
+            let Some(current) = current else { continue };
+            for (k, v) in &current {
                 if self.last[t].get(k) != Some(v) {
                     self.seen.entry((t, k.clone())).or_default().push(Some(*v));
                 }
@@ -114,8 +164,8 @@ impl Observed {
                     self.seen.entry((t, k.clone())).or_default().push(None);
                 }
             }
+            self.last[t] = current;
         }
-        self.last = now;
     }
 }
 
@@ -129,6 +179,22 @@ pub(crate) struct KafkaEvent {
     pub(crate) identity: (String, u64, u64, String, Option<i64>),
 }
 
+/// The drop announcements on one table's topic (truncates with the header `bitclone9.dropped`).
+#[derive(Default, Debug)]
+pub(crate) struct DropMarks {
+    pub(crate) table: usize,
+    /// The topic's partitions (looked up for `gone` only: the one table that must have them).
+    pub(crate) partitions: usize,
+    /// Announcements read, re-sends included.
+    pub(crate) markers: usize,
+    /// Partitions with an announcement.
+    pub(crate) marked: BTreeSet<i32>,
+    /// Keys of row events first sent after the last announcement of their partition (a
+    /// re-send of an event sent before it, by a source that restarted behind the drop's
+    /// position, is no new change and not counted).
+    pub(crate) after: Vec<String>,
+}
+
 #[derive(Default, Debug)]
 pub(crate) struct Findings {
     pub(crate) changes: usize,
@@ -139,7 +205,8 @@ pub(crate) struct Findings {
     /// Tables whose columns (names, types, order) differ between source and target.
     pub(crate) divergent_columns: usize,
     pub(crate) divergent_rows: usize,
-    /// Committed row events missing on Kafka inside a gap (a new snapshot carried their rows).
+    /// Committed row events missing on Kafka inside a gap (a new snapshot or `late`'s read
+    /// carried their rows).
     pub(crate) excused: usize,
     pub(crate) examples: Vec<String>,
 }
@@ -166,7 +233,7 @@ pub(crate) fn check_kafka(h: &History, events: Vec<KafkaEvent>, f: &mut Findings
     for (key, committed) in &h.events {
         f.changes += committed.len();
         let got = per_key.remove(key).unwrap_or_default();
-        let v = compare_key(committed, &got, &|tx| h.excusable(tx));
+        let v = compare_key(committed, &got, &|tx| h.excusable(key.0, tx));
         f.lost += v.lost;
         f.doubled += v.doubled;
         f.misordered += v.misordered;
@@ -184,6 +251,44 @@ pub(crate) fn check_kafka(h: &History, events: Vec<KafkaEvent>, f: &mut Findings
             "{} key {}: on Kafka {got:?} but never committed",
             TABLES[key.0].0, key.1
         ));
+    }
+}
+
+/// The drop announcements: `gone`, once dropped, has one on every partition of its topic, and
+/// no row event of it was first sent after the last one of its partition (the announcement
+/// follows every change of the table, those of the dropping transaction included). A table not
+/// dropped has none. A missing announcement counts as lost, one before a change as misordered,
+/// one of a table not dropped as doubled.
+pub(crate) fn check_drops(h: &History, marks: &[DropMarks], f: &mut Findings) {
+    for m in marks {
+        let name = TABLES[m.table].0;
+        if m.table != GONE || h.gone_dropped.is_none() {
+            if m.markers > 0 {
+                f.doubled += m.markers;
+                f.note(format!(
+                    "{name}: {} drop announcements on Kafka, but the table was not dropped",
+                    m.markers
+                ));
+            }
+            continue;
+        }
+        let unmarked: Vec<i32> = (0..m.partitions as i32)
+            .filter(|p| !m.marked.contains(p))
+            .collect();
+        if !unmarked.is_empty() {
+            f.lost += unmarked.len();
+            f.note(format!(
+                "{name}: dropped, but no drop announcement on partitions {unmarked:?} of {}",
+                m.partitions
+            ));
+        }
+        if !m.after.is_empty() {
+            f.misordered += m.after.len();
+            f.note(format!(
+                "{name}: row events first sent after the drop announcement of their partition, keys {:?}",
+                m.after
+            ));
+        }
     }
 }
 
@@ -414,5 +519,74 @@ mod tests {
             let f = check(&h, &[(100, Some(10)), (150, Some(10)), (200, Some(11))]);
             assert_eq!(counts(&f), (0, 1, 0, 0), "gaps {gaps:?}");
         }
+    }
+
+    #[test]
+    fn kafka_check_excuses_a_table_gap_for_its_table_only() {
+        let committed = [(1, Some(10)), (2, Some(11)), (3, Some(12))];
+        let mut h = history(&committed, &[]);
+        // `late` read after transaction 2: its first two versions came as the read's rows.
+        h.table_gaps.push((LATE, 1, 2));
+        let late = (LATE, "1".to_string());
+        h.events = HashMap::from([
+            (late.clone(), committed.to_vec()),
+            (key(), committed.to_vec()),
+        ]);
+        let events = [(key(), 300, Some(12)), (late, 300, Some(12))]
+            .into_iter()
+            .map(|(k, lsn, version)| KafkaEvent {
+                identity: (TABLES[k.0].0.to_string(), lsn, 0, k.1.clone(), version),
+                key: k,
+                version,
+            })
+            .collect();
+        let mut f = Findings::default();
+        check_kafka(&h, events, &mut f);
+        // acct's key lost two events; late's two are excused.
+        assert_eq!(counts(&f), (2, 0, 0, 2));
+    }
+
+    #[test]
+    fn drop_check_wants_an_announcement_on_every_partition_after_every_change() {
+        let marks = |marked: &[i32], after: &[&str], markers: usize| DropMarks {
+            table: GONE,
+            partitions: 3,
+            markers,
+            marked: marked.iter().copied().collect(),
+            after: after.iter().map(|k| k.to_string()).collect(),
+        };
+        let dropped = History {
+            gone_dropped: Some(7),
+            ..History::default()
+        };
+        let mut f = Findings::default();
+        check_drops(&dropped, &[marks(&[0, 1, 2], &[], 4)], &mut f);
+        assert_eq!(counts(&f), (0, 0, 0, 0), "{:?}", f.examples);
+        let mut f = Findings::default();
+        check_drops(&dropped, &[marks(&[0, 2], &["5"], 2)], &mut f);
+        assert_eq!(counts(&f), (1, 0, 1, 0));
+        // Not dropped: any announcement is one too many.
+        let mut f = Findings::default();
+        check_drops(&History::default(), &[marks(&[1], &[], 1)], &mut f);
+        assert_eq!(counts(&f), (0, 1, 0, 0));
+    }
+
+    #[test]
+    fn a_table_not_looked_at_keeps_its_last_state() {
+        let mut o = Observed::default();
+        let rows = |pairs: &[(&str, i64)]| -> HashMap<String, i64> {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        let mut s: Sample = Default::default();
+        s[LATE] = Some(rows(&[("1", 10), ("2", 20)]));
+        o.add(s);
+        // Not looked at (paused): no claim that its rows went.
+        o.add(Default::default());
+        let mut s: Sample = Default::default();
+        s[LATE] = Some(rows(&[("1", 11)]));
+        o.add(s);
+        let late = |k: &str| o.seen.get(&(LATE, k.to_string())).cloned();
+        assert_eq!(late("1"), Some(vec![Some(10), Some(11)]));
+        assert_eq!(late("2"), Some(vec![Some(20), None]));
     }
 }

@@ -7,9 +7,11 @@
 //!                or freeze Kafka, freeze the registry, restart PostgreSQL, cut a link, make
 //!                the state directory unwritable
 //!  slot drop  ── drop_slot (the window opens) ··· heal ··· await_resnapshot (it closes)
+//!  late       ── created ··· await_late_read (on Kafka: its gap closes; applied: sampled)
+//!  gone       ── dropped (not while a window is open) ··· await_drop_applied (at the end)
 //! ```
 
-use crate::check::{History, TABLES};
+use crate::check::{History, LATE, TABLES};
 use crate::common::{admin, confirmed_flush, current_lsn, stack, Daemon};
 use crate::{connect_retrying, max_txlog};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -18,7 +20,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -26,6 +28,12 @@ use tokio_postgres::Client;
 const RESNAPSHOT_WARNING: &str = "re-creating it and re-snapshotting";
 /// The daemon's line once a snapshot is on Kafka and recorded (daemon/src/pipeline.rs).
 pub(crate) const SNAPSHOT_RECORDED: &str = "snapshot delivered and recorded";
+/// The daemon's line once a resync's records are on Kafka and recorded, with the tables read
+/// as `tables=public.a, public.b` (daemon/src/pipeline.rs).
+const RESYNC_DELIVERED: &str = "resync delivered";
+/// The sink's line once it applied a drop announcement and kept the target table
+/// (daemon/src/sink.rs), with `table=public.gone`.
+const DROP_KEPT: &str = "the source dropped this table: its target table is kept";
 
 /// The daemon under test, restarted by the harness when a nemesis stopped it (as systemd would).
 pub(crate) struct Supervised {
@@ -64,6 +72,17 @@ impl Supervised {
             .as_ref()
             .map(|d| d.log_text())
             .unwrap_or_default()
+    }
+    /// The logs of every run so far, in the order they ran: what an earlier run did (a read
+    /// delivered just before a SIGKILL, say) is not in the current run's log.
+    pub(crate) fn all_logs_text(&self) -> String {
+        (1..=self.starts)
+            .map(|i| {
+                std::fs::read_to_string(self.config.with_file_name(format!("run{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
     pub(crate) fn log_tail(&self) -> String {
         let text = self.log_text();
@@ -193,24 +212,30 @@ fn chattr(dir: &Path, flag: &str) -> Result<(), String> {
 }
 
 /// A slot drop in progress: the first transaction number of its window, and how often the
-/// daemon's log had warned of a missing slot and recorded a snapshot before.
+/// daemon's log had warned of a missing slot and recorded a snapshot before. While it lives the
+/// workload does not drop `gone`: the new snapshot could not read a table dropped meanwhile, so
+/// its changes the old slot had not streamed would be lost, in the target too.
 pub(crate) struct SlotWindow {
     pub(crate) start: u64,
     warnings_before: usize,
     snapshots_before: usize,
+    _no_drop: tokio::sync::OwnedMutexGuard<()>,
 }
 
-/// Drops the source's replication slot behind the daemon's back. First waits until the slot
-/// confirmed everything committed so far: the daemon confirms nothing Kafka lacks, so Kafka then
-/// holds every transaction up to the window's start and only later ones may be missing there.
-/// Then pauses the target sampler (`resnapshot`), ends the slot's walsender and drops the slot,
-/// over again while the daemon takes the slot back, for up to 15 s.
+/// Drops the source's replication slot behind the daemon's back. First takes `drop_lock` (a
+/// transaction dropping `gone` ends first; none starts until the window closes), and waits until
+/// the slot confirmed everything committed so far: the daemon confirms nothing Kafka lacks, so
+/// Kafka then holds every transaction up to the window's start and only later ones may be
+/// missing there. Then pauses the target sampler (`resnapshot`), ends the slot's walsender and
+/// drops the slot, over again while the daemon takes the slot back, for up to 15 s.
 pub(crate) async fn drop_slot(
     daemon: &Supervised,
     slot: &str,
     history: &Mutex<History>,
     resnapshot: &AtomicBool,
+    drop_lock: &Arc<tokio::sync::Mutex<()>>,
 ) -> SlotWindow {
+    let no_drop = drop_lock.clone().lock_owned().await;
     let log = daemon.log_text();
     let warnings_before = log.matches(RESNAPSHOT_WARNING).count();
     let snapshots_before = log.matches(SNAPSHOT_RECORDED).count();
@@ -259,19 +284,21 @@ pub(crate) async fn drop_slot(
         start,
         warnings_before,
         snapshots_before,
+        _no_drop: no_drop,
     }
 }
 
 /// After a slot drop and the heal: waits until the daemon found the slot gone, re-created it
 /// and recorded a new snapshot, and then until the target applied every record on Kafka by
 /// then. The snapshot empties and refills the target's tables; only then may the sampler look
-/// again.
+/// again. `with_late`: `late` was read, its topic is among those to apply.
 pub(crate) async fn await_resnapshot(
     daemon: &mut Supervised,
     w: &SlotWindow,
     db: &str,
     target: &Client,
     context: &str,
+    with_late: bool,
 ) {
     let since = Instant::now();
     let limit = Duration::from_secs(240);
@@ -294,26 +321,34 @@ pub(crate) async fn await_resnapshot(
         daemon.assert_running(context);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    await_applied(daemon, db, target, context, since, limit).await;
+    await_applied(daemon, db, target, context, since, limit, with_late).await;
+}
+
+/// Whether a line of `log` holds every one of `words`.
+fn logged(log: &str, words: &[&str]) -> bool {
+    log.lines().any(|l| words.iter().all(|w| l.contains(w)))
 }
 
 /// After `acct` got a column with a default: waits until the daemon noticed it, read the
 /// table again (the resync empties and refills the target's `acct`), and the target applied
-/// every record on Kafka by then.
+/// every record on Kafka by then. The logs of all runs count: the read may have been delivered
+/// in a run a SIGKILL ended since. `with_late` as for [`await_resnapshot`].
 pub(crate) async fn await_reread(
     daemon: &mut Supervised,
     db: &str,
     target: &Client,
     context: &str,
+    with_late: bool,
 ) {
     let since = Instant::now();
     let limit = Duration::from_secs(240);
     loop {
         daemon.sample_rss();
-        let log = daemon.log_text();
-        // After the last notice: a resync interrupted before it was recorded comes again.
+        let log = daemon.all_logs_text();
+        // After the last notice: a resync interrupted before it was recorded comes again. The
+        // delivery must name acct: `late`'s read is a resync too.
         let after = log.rfind(REWRITE_NOTICE).map(|at| &log[at..]);
-        if after.is_some_and(|rest| rest.contains("resync delivered")) {
+        if after.is_some_and(|rest| logged(rest, &[RESYNC_DELIVERED, "public.acct"])) {
             break;
         }
         assert!(
@@ -324,13 +359,80 @@ pub(crate) async fn await_reread(
         daemon.assert_running(context);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    await_applied(daemon, db, target, context, since, limit).await;
+    await_applied(daemon, db, target, context, since, limit, with_late).await;
 }
 
 const REWRITE_NOTICE: &str = "gave every existing row a value the WAL does not carry";
 
+/// After `late` was created: waits until the daemon found it, added it to its publication and
+/// delivered its read (a truncate and its rows, at a position after every transaction they
+/// hold) to Kafka, in any run. Every transaction counted then is in those rows or streams after
+/// them, so `late`'s gap (its events that may be missing on Kafka) ends there: recorded in the
+/// history, and returned. Then waits until the target applied every record on Kafka, `late`'s
+/// included, so that the sampler finds `late` filled when it first looks.
+pub(crate) async fn await_late_read(
+    daemon: &mut Supervised,
+    db: &str,
+    target: &Client,
+    context: &str,
+    history: &Mutex<History>,
+) -> u64 {
+    let since = Instant::now();
+    let limit = Duration::from_secs(240);
+    loop {
+        daemon.sample_rss();
+        if logged(&daemon.all_logs_text(), &[RESYNC_DELIVERED, "public.late"]) {
+            break;
+        }
+        assert!(
+            since.elapsed() < limit,
+            "{context}: the daemon did not add and read the new table late within 240 s; log:\n{}",
+            daemon.log_tail()
+        );
+        daemon.assert_running(context);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let end = {
+        let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
+        let end = h.committed_tx;
+        let start = h.late_created.unwrap_or(0);
+        h.table_gaps.push((LATE, start, end));
+        end
+    };
+    await_applied(daemon, db, target, context, since, limit, true).await;
+    end
+}
+
+/// After `gone` was dropped: waits until the sink applied the drop's announcement (it keeps
+/// the target table), in any run, which it does once every partition of the topic has it, and
+/// then until the target applied every record on Kafka.
+pub(crate) async fn await_drop_applied(
+    daemon: &mut Supervised,
+    db: &str,
+    target: &Client,
+    context: &str,
+    with_late: bool,
+) {
+    let since = Instant::now();
+    let limit = Duration::from_secs(240);
+    loop {
+        daemon.sample_rss();
+        if logged(&daemon.all_logs_text(), &[DROP_KEPT, "table=public.gone"]) {
+            break;
+        }
+        assert!(
+            since.elapsed() < limit,
+            "{context}: the sink did not apply the drop of gone within 240 s; log:\n{}",
+            daemon.log_tail()
+        );
+        daemon.assert_running(context);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    await_applied(daemon, db, target, context, since, limit, with_late).await;
+}
+
 /// Waits until the target applied every record on Kafka now, and every transaction the source
-/// committed by now.
+/// committed by now. `with_late`: `late`'s topic is among them (it exists once `late` was read).
 async fn await_applied(
     daemon: &mut Supervised,
     db: &str,
@@ -338,6 +440,7 @@ async fn await_applied(
     context: &str,
     since: Instant,
     limit: Duration,
+    with_late: bool,
 ) {
     // On Kafka now: the new snapshot, and what streamed after it.
     let want = max_txlog(&connect_retrying(db).await).await;
@@ -346,7 +449,7 @@ async fn await_applied(
     loop {
         daemon.sample_rss();
         if ends.is_none() {
-            ends = kafka_ends(db);
+            ends = kafka_ends(db, with_late);
         }
         let applied = match &ends {
             Some(ends) => sink_covers(target, &sink, ends).await,
@@ -365,21 +468,28 @@ async fn await_applied(
     }
 }
 
-/// Per partition of the workload's topics: (topic, partition, offset after its last record);
-/// `None` while Kafka does not answer.
-fn kafka_ends(source: &str) -> Option<Vec<(String, i32, i64)>> {
+/// Per partition of the workload's topics (`late`'s only `with_late`): (topic, partition,
+/// offset after its last record); `None` while Kafka does not answer, or lists no partition of
+/// a topic (each exists once its table was read: the broker has not caught up).
+fn kafka_ends(source: &str, with_late: bool) -> Option<Vec<(String, i32, i64)>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", stack().bootstrap)
         .create()
         .ok()?;
     tokio::task::block_in_place(|| {
         let mut ends = Vec::new();
-        for (table, _) in TABLES {
+        for (i, (table, _)) in TABLES.into_iter().enumerate() {
+            if i == LATE && !with_late {
+                continue;
+            }
             let topic = format!("{source}.public.{table}");
             let md = consumer
                 .fetch_metadata(Some(topic.as_str()), Duration::from_secs(10))
                 .ok()?;
             let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
+            if partitions == 0 {
+                return None;
+            }
             for p in 0..partitions as i32 {
                 let (_, high) = consumer
                     .fetch_watermarks(&topic, p, Duration::from_secs(10))

@@ -22,14 +22,24 @@
 //! in is a committed state of that key, never an older one than seen before; (5) the target
 //! equals the source, row for row and in its columns (names, types, order: the workload adds a
 //! column to `acct`, with a default for half the seeds, so that `acct` is read again; renames
-//! `line.qty` to `quantity` and makes it `bigint`, each at a transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle recovered
-//! without help; (7) the daemon's peak RSS stayed under a bound. (3), the slot never confirming
-//! what Kafka lacks, is what (1) checks after each SIGKILL: a position confirmed too early would
-//! be a gap.
+//! `line.qty` to `quantity` and makes it `bigint`; creates table `late` and drops table `gone`,
+//! each at a transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle
+//! recovered without help; (7) the daemon's peak RSS stayed under a bound. (3), the slot never
+//! confirming what Kafka lacks, is what (1) checks after each SIGKILL: a position confirmed too
+//! early would be a gap.
 //! The workload starts once the initial snapshot is recorded, so every change it commits must
 //! appear on Kafka as a streamed event, except inside a slot-drop window: the daemon then takes
 //! a new snapshot, which carries the rows of the changes it no longer streams. (1) excuses those
 //! changes missing, nothing else; the sampler pauses while the new snapshot refills the target.
+//!
+//! New and dropped tables (the daemon checks its catalog every second): `late`'s changes from
+//! its creation until the daemon's read of it are in that read's rows, so (1) excuses them
+//! missing (a gap of `late` alone); the sampler looks at `late` only once the run saw that
+//! read applied. `gone` is dropped at the source and kept in the target (`on_table_drop =
+//! "keep"`): (1) and (2) hold for its changes as for any, its topic must carry the drop's
+//! announcement on every partition after all of them, and (5) compares the target's `gone`
+//! with the history's last state of each key (the source has no `gone` to compare with), as
+//! (4) does all along.
 //!
 //! Files: `main.rs` the run and its cycles, `workload.rs` the transactions, `faults.rs` the
 //! daemon's supervision and the nemeses, `check.rs` the history and the checks against it.
@@ -48,10 +58,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use workload::{
-    start_workload, Rng, Shape, Workload, BIG_BODY, DDL, REWRITE_COMMITTED, REWRITE_ISSUED,
-    REWRITE_SETTLED,
+    start_workload, Rng, Shape, Workload, BIG_BODY, DDL, LATE_CREATED, LATE_READ,
+    REWRITE_COMMITTED, REWRITE_ISSUED, REWRITE_SETTLED,
 };
 
 /// Peak resident memory the daemon may reach (source and sink in one process).
@@ -88,32 +99,49 @@ async fn connect_retrying(db: &str) -> Client {
     }
 }
 
-/// The target's rows as key → version, per table (None: the table is not there yet).
-async fn target_versions(c: &Client) -> Option<[HashMap<String, i64>; 4]> {
-    let mut out: [HashMap<String, i64>; 4] = Default::default();
-    for (i, (t, key)) in TABLES.iter().enumerate() {
-        let v = if *t == "txlog" { "0::bigint" } else { "v" };
-        let sql = format!(
-            "SELECT concat_ws(',', {key})::text, {v} FROM {t}",
-            key = key.replace(' ', "")
-        );
-        let rows = c.query(&sql, &[]).await.ok()?;
-        out[i] = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-            .collect();
+/// Table `t`'s rows in a database as key → version (`txlog`'s: version 0).
+async fn versions(c: &Client, t: usize) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
+    let (table, key) = TABLES[t];
+    let v = if table == "txlog" { "0::bigint" } else { "v" };
+    let sql = format!(
+        "SELECT concat_ws(',', {key})::text, {v} FROM {table}",
+        key = key.replace(' ', "")
+    );
+    Ok(c.query(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect())
+}
+
+/// The target's rows as key → version, per table but those in `skip` (None: the tables are
+/// not there yet). `late` is looked at where the target has it.
+async fn target_versions(c: &Client, skip: &[usize]) -> Option<Sample> {
+    let mut out: Sample = Default::default();
+    for (t, rows) in out.iter_mut().enumerate() {
+        if skip.contains(&t) {
+            continue;
+        }
+        match versions(c, t).await {
+            Ok(now) => *rows = Some(now),
+            // Not created in the target yet: nothing to see.
+            Err(e) if t == LATE && e.code() == Some(&SqlState::UNDEFINED_TABLE) => {}
+            Err(_) => return None,
+        }
     }
     Some(out)
 }
 
 /// Samples the target's states until `stop`. While `paused` (a new snapshot empties and refills
 /// the target, whose states are then no committed states) it takes none, and drops a sample that
-/// a pause began under.
+/// a pause began under. It looks at `late` only once the run saw its read applied (`late` at
+/// [`LATE_READ`]): the read empties and fills it, again if interrupted.
 fn start_sampler(
     target_db: String,
     observed: Arc<Mutex<Observed>>,
     resnapshot: Arc<AtomicBool>,
     rewrite: Arc<AtomicU8>,
+    late: Arc<AtomicU8>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -130,7 +158,12 @@ fn start_sampler(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            match target_versions(&c).await {
+            let skip: &[usize] = if late.load(Ordering::SeqCst) >= LATE_READ {
+                &[]
+            } else {
+                &[LATE]
+            };
+            match target_versions(&c, skip).await {
                 Some(_) if paused() => {}
                 Some(now) => observed.lock().unwrap_or_else(|p| p.into_inner()).add(now),
                 None => {
@@ -150,14 +183,35 @@ fn parse_lsn(s: &str) -> u64 {
     (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
 }
 
-async fn kafka_events(source: &str) -> (Vec<KafkaEvent>, usize) {
+/// The row events on the workload's topics, the number of records read, and each topic's drop
+/// announcements. `with_late`: `late` was read, so its topic exists (it is not read otherwise:
+/// waiting for a first record of a topic that never comes would take the whole timeout).
+async fn kafka_events(source: &str, with_late: bool) -> (Vec<KafkaEvent>, usize, Vec<DropMarks>) {
     use apache_avro::types::Value as Avro;
     let mut out = Vec::new();
     let mut records = 0;
+    let mut all_marks = Vec::new();
     for (t, (table, key)) in TABLES.iter().enumerate() {
+        if t == LATE && !with_late {
+            continue;
+        }
         let topic = format!("{source}.public.{table}");
         let got = consume(&topic, 1, Duration::from_secs(4), Duration::from_secs(600)).await;
         records += got.len();
+        let mut marks = DropMarks {
+            table: t,
+            partitions: if t == GONE {
+                topic_partitions(&topic).await
+            } else {
+                0
+            },
+            ..DropMarks::default()
+        };
+        // Per partition, the offset of its last drop announcement, and the row events in the
+        // order read (offset order per partition) with whether each was new then.
+        let mut last_mark: HashMap<i32, i64> = HashMap::new();
+        let mut sent: HashSet<(u64, u64, String, Option<i64>)> = HashSet::new();
+        let mut first_sends: Vec<(i32, i64, String)> = Vec::new();
         let cols: Vec<&str> = key.split(", ").collect();
         let text = |v: Option<&Avro>| match v {
             Some(Avro::Long(v)) => v.to_string(),
@@ -176,6 +230,15 @@ async fn kafka_events(source: &str) -> (Vec<KafkaEvent>, usize) {
                 .join(",")
         };
         for r in got {
+            if r.headers
+                .get("bitclone9.dropped")
+                .is_some_and(|v| v == "true")
+            {
+                marks.markers += 1;
+                let at = last_mark.entry(r.partition).or_insert(r.offset);
+                *at = (*at).max(r.offset);
+                continue;
+            }
             let lsn = parse_lsn(r.headers.get("bitclone9.lsn").map_or("0/0", String::as_str));
             let seq: u64 = r
                 .headers
@@ -208,14 +271,24 @@ async fn kafka_events(source: &str) -> (Vec<KafkaEvent>, usize) {
                 // Snapshot reads and truncates carry no row event of a key.
                 _ => continue,
             };
+            if sent.insert((lsn, seq, k.clone(), version)) {
+                first_sends.push((r.partition, r.offset, k.clone()));
+            }
             out.push(KafkaEvent {
                 key: (t, k.clone()),
                 version,
                 identity: (topic.clone(), lsn, seq, k, version),
             });
         }
+        marks.marked = last_mark.keys().copied().collect();
+        marks.after = first_sends
+            .into_iter()
+            .filter(|(p, offset, _)| last_mark.get(p).is_some_and(|m| offset > m))
+            .map(|(_, _, k)| k)
+            .collect();
+        all_marks.push(marks);
     }
-    (out, records)
+    (out, records, all_marks)
 }
 
 /// A table's columns as `name type` (`format_type`), in column order.
@@ -230,12 +303,29 @@ async fn columns(c: &Client, table: &str) -> Vec<String> {
     .unwrap_or_default()
 }
 
+/// Whether `table` exists in the database.
+async fn exists(c: &Client, table: &str) -> bool {
+    c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or_else(|e| panic!("looking for table {table}: {e}"))
+}
+
+/// The columns `gone` was created with, which the target keeps after the drop.
+const GONE_COLUMNS: [&str; 2] = ["id bigint", "v bigint"];
+
 /// Check (5), the tables' shape: the tables whose columns differ (a rename followed as a new
-/// column, a type not changed), with what each side has.
-async fn divergent_columns(src: &Client, dst: &Client) -> (usize, Vec<String>) {
+/// column, a type not changed), with what each side has. `gone`, once dropped at the source
+/// (`gone_dropped`), is kept in the target with the columns it had.
+async fn divergent_columns(src: &Client, dst: &Client, gone_dropped: bool) -> (usize, Vec<String>) {
     let mut notes = Vec::new();
-    for (t, _) in TABLES {
-        let (a, b) = (columns(src, t).await, columns(dst, t).await);
+    for (i, (t, _)) in TABLES.into_iter().enumerate() {
+        let a = if i == GONE && gone_dropped {
+            Vec::from(GONE_COLUMNS.map(String::from))
+        } else {
+            columns(src, t).await
+        };
+        let b = columns(dst, t).await;
         if a != b {
             notes.push(format!("{t}: columns differ: source {a:?}, target {b:?}"));
         }
@@ -243,13 +333,45 @@ async fn divergent_columns(src: &Client, dst: &Client) -> (usize, Vec<String>) {
     (notes.len(), notes)
 }
 
-/// Check (5): row for row, and the number of rows that differ.
-async fn divergent_rows(src: &Client, dst: &Client) -> (usize, Vec<String>) {
+/// Check (5): row for row, and the number of rows that differ. `gone_final`: `gone` was
+/// dropped at the source, and the target holds these rows of it (the history's last state of
+/// each key), no other. `late` is compared once it exists on either side.
+async fn divergent_rows(
+    src: &Client,
+    dst: &Client,
+    gone_final: Option<&HashMap<String, i64>>,
+) -> (usize, Vec<String>) {
     let mut n = 0;
     let mut notes = Vec::new();
-    for (t, order) in TABLES {
-        let a: HashSet<String> = dump(src, t, order).await.into_iter().collect();
-        let b: HashSet<String> = dump(dst, t, order).await.into_iter().collect();
+    for (i, (t, order)) in TABLES.into_iter().enumerate() {
+        if let (GONE, Some(want)) = (i, gone_final) {
+            let got = versions(dst, GONE)
+                .await
+                .unwrap_or_else(|e| panic!("reading the target's {t}: {e}"));
+            let d = want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count()
+                + got.keys().filter(|k| !want.contains_key(*k)).count();
+            if d > 0 {
+                notes.push(format!(
+                    "{t} (dropped at the source): {d} rows differ from its last committed state ({} rows, target {})",
+                    want.len(),
+                    got.len()
+                ));
+            }
+            n += d;
+            continue;
+        }
+        let (in_src, in_dst) = (exists(src, t).await, exists(dst, t).await);
+        if !in_src && !in_dst {
+            continue; // `late`, not created
+        }
+        let mut a: HashSet<String> = HashSet::new();
+        if in_src {
+            a.extend(dump(src, t, order).await);
+        }
+        let mut b: HashSet<String> = HashSet::new();
+        if in_dst {
+            b.extend(dump(dst, t, order).await);
+        }
         let d = a.symmetric_difference(&b).count();
         if d > 0 {
             notes.push(format!(
@@ -317,7 +439,8 @@ async fn chaos_clone_stays_equal_under_randomized_faults() {
     src.batch_execute(&format!(
         "INSERT INTO acct SELECT g, g, (ARRAY['sad','ok','happy']::mood[])[1 + g % 3], 'n' || g FROM generate_series(1, 20000) g;
          INSERT INTO line SELECT g / 10, g % 10, 20000 + g, g % 5 FROM generate_series(1, 20000) g;
-         INSERT INTO doc SELECT g, 40000 + g, 't' || g, {BIG_BODY} FROM generate_series(1, 300) g;"
+         INSERT INTO doc SELECT g, 40000 + g, 't' || g, {BIG_BODY} FROM generate_series(1, 300) g;
+         INSERT INTO gone SELECT g, 60000 + g FROM generate_series(1, 500) g;"
     ))
     .await
     .expect("initial rows");
@@ -331,6 +454,9 @@ async fn chaos_clone_stays_equal_under_randomized_faults() {
         }
         for g in 1..=300i64 {
             initial.push(Effect::Put(2, g.to_string(), 40000 + g));
+        }
+        for g in 1..=500i64 {
+            initial.push(Effect::Put(GONE, g.to_string(), 60000 + g));
         }
         h.record(0, &initial);
         // Snapshot reads, not row events: only the states count them.
@@ -371,6 +497,8 @@ password = "${{TEST_PG_PASSWORD}}"
 database = "{db}"
 heartbeat_interval = "1s"
 status_interval = "200ms"
+# New tables (late) and dropped ones (gone) are found by a catalog check this often.
+new_table_check_interval = "1s"
 # Large transactions are streamed while they run (and spooled until they commit).
 stream_large_transactions = {streaming}
 logical_decoding_work_mem = "64kB"
@@ -385,6 +513,8 @@ password = "${{TEST_PG_PASSWORD}}"
 database = "{target_db}"
 source = "{db}"
 max_batch_wait = "10ms"
+# gone, dropped at the source, stays in the target with every change made before the drop.
+on_table_drop = "keep"
 "#,
             state = state_dir.display(),
             bootstrap = s.bootstrap,
@@ -451,6 +581,8 @@ max_batch_wait = "10ms"
         add_column_at: 1 + Rng(seed).below(total_tx_hint),
         rename_at: 1 + Rng(seed.rotate_left(13)).below(total_tx_hint),
         retype_at: 1 + Rng(seed.rotate_left(29)).below(total_tx_hint),
+        create_at: 1 + Rng(seed.rotate_left(53)).below(total_tx_hint),
+        drop_at: 1 + Rng(seed.rotate_left(59)).below(total_tx_hint),
         large_at: 1 + Rng(seed.rotate_left(7)).below(total_tx_hint),
         large_rows,
         shape: Shape::default(),
@@ -460,14 +592,20 @@ max_batch_wait = "10ms"
             _ => Rng(seed.rotate_left(41)).below(2) == 1,
         },
         rewrite: Arc::new(AtomicU8::new(0)),
+        late: Arc::new(AtomicU8::new(0)),
+        drop_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
     let rewrite = workload.rewrite.clone();
+    let late = workload.late.clone();
+    let drop_lock = workload.drop_lock.clone();
     println!(
-        "chaos: DDL from transaction {} (acct ADD COLUMN extra{}), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint)",
+        "chaos: DDL from transaction {} (acct ADD COLUMN extra{}), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint), {} (CREATE TABLE late), {} (DROP TABLE gone)",
         workload.add_column_at,
         if workload.extra_default { " DEFAULT, read again" } else { "" },
         workload.rename_at,
-        workload.retype_at
+        workload.retype_at,
+        workload.create_at,
+        workload.drop_at
     );
     let load = start_workload(db.clone(), workload, history.clone(), stop_rx.clone());
     let observed = Arc::new(Mutex::new(Observed::default()));
@@ -478,6 +616,7 @@ max_batch_wait = "10ms"
         observed.clone(),
         resnapshot.clone(),
         rewrite.clone(),
+        late.clone(),
         stop_rx.clone(),
     );
     // The source's slot (SourceConfig::slot_name: its name, dashes as underscores).
@@ -565,7 +704,8 @@ max_batch_wait = "10ms"
                     daemon_stopped = true;
                 }
                 Nemesis::SlotDrop => {
-                    slot_window = Some(drop_slot(&daemon, &slot, &history, &resnapshot).await);
+                    slot_window =
+                        Some(drop_slot(&daemon, &slot, &history, &resnapshot, &drop_lock).await);
                     hold = hold.max(dur(5.0, &mut rng));
                 }
                 Nemesis::KafkaKill => {
@@ -652,8 +792,10 @@ max_batch_wait = "10ms"
             daemon.assert_running(&context);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // `late`'s topic is among those the target must have applied once `late` was read.
+        let with_late = late.load(Ordering::SeqCst) >= LATE_READ;
         if let Some(w) = slot_window {
-            await_resnapshot(&mut daemon, &w, &db, &target, &context).await;
+            await_resnapshot(&mut daemon, &w, &db, &target, &context, with_late).await;
             let end = {
                 let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
                 let end = h.committed_tx;
@@ -665,11 +807,19 @@ max_batch_wait = "10ms"
                 "chaos: slot dropped; window of transactions {}..{end} re-snapshotted",
                 w.start
             );
+            // The window closes (`w` and its hold on the drop of `gone` go here).
         }
         if rewrite.load(Ordering::SeqCst) == REWRITE_COMMITTED {
-            await_reread(&mut daemon, &db, &target, &context).await;
+            await_reread(&mut daemon, &db, &target, &context, with_late).await;
             rewrite.store(REWRITE_SETTLED, Ordering::SeqCst);
             println!("chaos: acct read again after ADD COLUMN extra DEFAULT");
+        }
+        if late.load(Ordering::SeqCst) == LATE_CREATED {
+            let end = await_late_read(&mut daemon, &db, &target, &context, &history).await;
+            late.store(LATE_READ, Ordering::SeqCst);
+            println!(
+                "chaos: the new table late was added and read (its gap ends at transaction {end})"
+            );
         }
         let took = healed.elapsed().as_secs_f64();
         println!(
@@ -684,8 +834,19 @@ max_batch_wait = "10ms"
     let shape = load.await.expect("workload").shape;
     let src = connect_retrying(&db).await;
     let dst = connect_retrying(&target_db).await;
+    let at_end = format!("seed {seed}, at the end");
     if rewrite.load(Ordering::SeqCst) == REWRITE_COMMITTED {
-        await_reread(&mut daemon, &db, &dst, &format!("seed {seed}, at the end")).await;
+        let with_late = late.load(Ordering::SeqCst) >= LATE_READ;
+        await_reread(&mut daemon, &db, &dst, &at_end, with_late).await;
+    }
+    if late.load(Ordering::SeqCst) == LATE_CREATED {
+        let end = await_late_read(&mut daemon, &db, &dst, &at_end, &history).await;
+        late.store(LATE_READ, Ordering::SeqCst);
+        println!("chaos: the new table late was added and read at the end (its gap ends at transaction {end})");
+    }
+    let with_late = late.load(Ordering::SeqCst) >= LATE_READ;
+    if shape.gone_dropped {
+        await_drop_applied(&mut daemon, &db, &dst, &at_end, with_late).await;
     }
     // The checker's own bookkeeping: the DDL it counts as committed is the source's shape.
     let source_line = columns(&src, "line").await;
@@ -695,13 +856,26 @@ max_batch_wait = "10ms"
         "seed {seed}: the workload's notion of line's columns ({shape:?}) is not the source's"
     );
     println!("chaos: line's columns at the end: {source_line:?}");
+    assert_eq!(
+        (exists(&src, "late").await, exists(&src, "gone").await),
+        (shape.late, !shape.gone_dropped),
+        "seed {seed}: the workload's notion of which of late and gone exist ({shape:?}) is not the source's"
+    );
+    let (late_created, gone_dropped, gone_final) = {
+        let h = history.lock().unwrap_or_else(|p| p.into_inner());
+        let gone_final = h.gone_dropped.map(|_| h.final_rows(GONE));
+        (h.late_created, h.gone_dropped, gone_final)
+    };
+    println!(
+        "chaos: late created by transaction {late_created:?}, gone dropped by transaction {gone_dropped:?}"
+    );
     let want = max_txlog(&src).await;
     let settle = Instant::now();
     loop {
         daemon.sample_rss();
         if max_txlog(&dst).await >= want
-            && divergent_columns(&src, &dst).await.0 == 0
-            && divergent_rows(&src, &dst).await.0 == 0
+            && divergent_columns(&src, &dst, shape.gone_dropped).await.0 == 0
+            && divergent_rows(&src, &dst, gone_final.as_ref()).await.0 == 0
         {
             break;
         }
@@ -711,26 +885,28 @@ max_batch_wait = "10ms"
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     sampler.await.expect("sampler");
-    if let Some(now) = target_versions(&dst).await {
+    let skip: &[usize] = if with_late { &[] } else { &[LATE] };
+    if let Some(now) = target_versions(&dst, skip).await {
         observed.lock().unwrap_or_else(|p| p.into_inner()).add(now);
     }
 
     let mut f = Findings::default();
-    let (d, notes) = divergent_columns(&src, &dst).await;
+    let (d, notes) = divergent_columns(&src, &dst, shape.gone_dropped).await;
     f.divergent_columns = d;
     for n in notes {
         f.note(n);
     }
-    let (d, notes) = divergent_rows(&src, &dst).await;
+    let (d, notes) = divergent_rows(&src, &dst, gone_final.as_ref()).await;
     f.divergent_rows = d;
     for n in notes {
         f.note(n);
     }
     let (verify_code, verify_out) = cli(&config, &["verify", "--rounds", "3"], &[]);
-    let (events, records) = kafka_events(&db).await;
+    let (events, records, marks) = kafka_events(&db, with_late).await;
     let (committed_tx, indeterminate) = {
         let h = history.lock().unwrap_or_else(|p| p.into_inner());
         check_kafka(&h, events, &mut f);
+        check_drops(&h, &marks, &mut f);
         check_observed(
             &h,
             &observed.lock().unwrap_or_else(|p| p.into_inner()),
@@ -747,7 +923,7 @@ max_batch_wait = "10ms"
     println!("chaos: nemeses drawn: {count:?}");
     if f.excused > 0 {
         println!(
-            "chaos: {} committed changes inside slot-drop windows not on Kafka as row events (re-snapshotted)",
+            "chaos: {} committed changes inside slot-drop windows or before late's read not on Kafka as row events (in a snapshot's or the read's rows)",
             f.excused
         );
     }

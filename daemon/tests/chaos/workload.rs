@@ -8,21 +8,29 @@
 //!    └── History::live (keys to pick)            └──► settled by looking for the txlog row
 //! ```
 //!
-//! Three DDL changes come at transactions drawn from the seed, each in its own order:
+//! Five DDL changes come at transactions drawn from the seed, each in its own order:
 //! `acct` gets column `extra` (with a default for half the seeds, which the daemon answers by
 //! reading `acct` again), `line.qty` is renamed `quantity`, and that column (under
 //! whichever name it has then) becomes `bigint`, after which some writes put values above 2^31
-//! into it. The writes of a transaction after its DDL use the new shape; the workload's
-//! [`Shape`] follows only DDL that committed (a transaction that did not commit has its DDL
-//! done again by the next one). Each change of `line` is followed in its transaction by an
-//! insert into `line`, so that an event of the new shape reaches Kafka with it.
+//! into it; table `late` is created (with its first rows, in the same transaction), and table
+//! `gone` is dropped (after a last change of it, in the same transaction). The writes of a
+//! transaction after its DDL use the new shape; the workload's [`Shape`] follows only DDL that
+//! committed (a transaction that did not commit has its DDL done again by the next one). Each
+//! change of `line` is followed in its transaction by an insert into `line`, so that an event
+//! of the new shape reaches Kafka with it.
+//!
+//! `late` and `gone` (`id`, `v`) take inserts, updates and deletes while they exist. The daemon
+//! finds `late` by its catalog check and reads it (its rows until then reach Kafka as rows of
+//! that read); `gone` it finds gone and announces the drop on its topic. `gone` is not dropped
+//! while a slot drop's window is open ([`Workload::drop_lock`]): the new snapshot could not
+//! read it any more, and its changes the old slot had not streamed would be lost for good.
 //!
 //! About one transaction in twenty is large (20–220 writes, some with TOASTed bodies); a third
 //! of those first write and roll back a savepoint. The daemon runs with
 //! `stream_large_transactions` and a `logical_decoding_work_mem` of 64kB, so PostgreSQL streams
 //! these while they run, rolled-back savepoints included.
 
-use crate::check::{Effect, History, Key};
+use crate::check::{Effect, History, Key, GONE, LATE, TABLES};
 use crate::connect_retrying;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -56,6 +64,7 @@ CREATE TABLE acct (id bigint PRIMARY KEY, v bigint NOT NULL, m mood NOT NULL, no
 CREATE TABLE line (o int, n int, v bigint NOT NULL, qty int, PRIMARY KEY (o, n));
 CREATE TABLE doc (id int PRIMARY KEY, v bigint NOT NULL, title text, body text);
 CREATE TABLE txlog (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE gone (id bigint PRIMARY KEY, v bigint NOT NULL);
 ";
 
 /// A big value TOAST keeps out of line (hex digits that pglz cannot shrink below the limit).
@@ -75,6 +84,10 @@ pub(crate) struct Shape {
     pub(crate) renamed: bool,
     /// `line`'s quantity column is `bigint` (it was `int`).
     pub(crate) bigint: bool,
+    /// Table `late` exists.
+    pub(crate) late: bool,
+    /// Table `gone` was dropped.
+    pub(crate) gone_dropped: bool,
 }
 
 impl Shape {
@@ -122,6 +135,10 @@ pub(crate) struct Workload {
     pub(crate) add_column_at: u64,
     pub(crate) rename_at: u64,
     pub(crate) retype_at: u64,
+    /// The txlog ids from which on `late` is created and `gone` dropped, each by the first
+    /// transaction from there on that commits (the drop: that also holds [`Self::drop_lock`]).
+    pub(crate) create_at: u64,
+    pub(crate) drop_at: u64,
     pub(crate) large_at: u64,
     pub(crate) large_rows: i64,
     /// The shape the committed transactions left.
@@ -133,11 +150,23 @@ pub(crate) struct Workload {
     /// is sent, [`REWRITE_COMMITTED`] once it committed, [`REWRITE_SETTLED`] once the run saw
     /// the target refilled.
     pub(crate) rewrite: Arc<AtomicU8>,
+    /// `late`'s progress, for the sampler and the run: [`LATE_ISSUED`] once its CREATE is
+    /// sent, [`LATE_CREATED`] once it committed, [`LATE_READ`] once the run saw the daemon's
+    /// read of it on Kafka and applied to the target. The sampler looks at `late` from then on
+    /// only: its read empties and fills it (again, when interrupted).
+    pub(crate) late: Arc<AtomicU8>,
+    /// Held by an open slot-drop window (see `faults::drop_slot`); the transaction that drops
+    /// `gone` holds it until it is settled, and is put off while a window holds it.
+    pub(crate) drop_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub(crate) const REWRITE_ISSUED: u8 = 1;
 pub(crate) const REWRITE_COMMITTED: u8 = 2;
 pub(crate) const REWRITE_SETTLED: u8 = 3;
+
+pub(crate) const LATE_ISSUED: u8 = 1;
+pub(crate) const LATE_CREATED: u8 = 2;
+pub(crate) const LATE_READ: u8 = 3;
 
 impl Workload {
     fn v(&mut self) -> i64 {
@@ -145,13 +174,19 @@ impl Workload {
         self.next_v
     }
 
-    fn draw(&mut self, h: &History) -> Tx {
+    /// Whether the next transaction is due to drop `gone` (it needs [`Self::drop_lock`]).
+    fn drop_due(&self) -> bool {
+        self.tx + 1 >= self.drop_at && !self.shape.gone_dropped
+    }
+
+    /// The next transaction; `may_drop`: it holds [`Self::drop_lock`], so it may drop `gone`.
+    fn draw(&mut self, h: &History, may_drop: bool) -> Tx {
         self.tx += 1;
         let id = self.tx;
         let mut sql = String::from("BEGIN;\n");
         let mut effects = Vec::new();
         let mut touched: HashSet<Key> = HashSet::new();
-        let shape = self.alter(id, &mut sql, &mut effects, &mut touched);
+        let shape = self.alter(h, id, may_drop, &mut sql, &mut effects, &mut touched);
         if id == self.large_at {
             let v0 = self.next_v + 1;
             self.next_v += self.large_rows;
@@ -202,10 +237,14 @@ impl Workload {
 
     /// The DDL due at transaction `id` that has not committed yet, and the shape the
     /// transaction's writes see after it. A change of `line` is followed by an insert of the
-    /// new shape (after the type change, of a value above 2^31).
+    /// new shape (after the type change, of a value above 2^31). `late` gets rows in the
+    /// transaction that creates it; `gone` a last update in the one that drops it, which only
+    /// a transaction holding the drop lock does (`may_drop`).
     fn alter(
         &mut self,
+        h: &History,
         id: u64,
+        may_drop: bool,
         sql: &mut String,
         effects: &mut Vec<Effect>,
         touched: &mut HashSet<Key>,
@@ -239,7 +278,90 @@ impl Workload {
             shape.bigint = true;
             self.insert_line(shape, true, sql, effects, touched);
         }
+        if id >= self.create_at && !shape.late {
+            shape.late = true;
+            // The sampler leaves `late` alone until the run saw its read applied.
+            let _ = self
+                .late
+                .compare_exchange(0, LATE_ISSUED, Ordering::SeqCst, Ordering::SeqCst);
+            sql.push_str("CREATE TABLE late (id bigint PRIMARY KEY, v bigint NOT NULL);\n");
+            // Rows from before the daemon knows the table: they reach Kafka with its read.
+            for _ in 0..3 {
+                self.insert_kv(LATE, sql, effects, touched);
+            }
+        }
+        if may_drop && id >= self.drop_at && !shape.gone_dropped {
+            // A change in the dropping transaction itself: the drop's announcement must follow
+            // it too, and the target keep it.
+            if let Some(k) = self.pick(h, GONE, touched) {
+                self.update_kv(GONE, k, sql, effects, touched);
+            }
+            shape.gone_dropped = true;
+            sql.push_str("DROP TABLE gone;\n");
+        }
         shape
+    }
+
+    /// Inserts a new row into `late` or `gone`.
+    fn insert_kv(
+        &mut self,
+        t: usize,
+        sql: &mut String,
+        effects: &mut Vec<Effect>,
+        touched: &mut HashSet<Key>,
+    ) {
+        self.next_id += 1;
+        let (id, v) = (self.next_id, self.v());
+        sql.push_str(&format!(
+            "INSERT INTO {} (id, v) VALUES ({id}, {v});\n",
+            TABLES[t].0
+        ));
+        touched.insert((t, id.to_string()));
+        effects.push(Effect::Put(t, id.to_string(), v));
+    }
+
+    /// Gives row `k` of `late` or `gone` a new version.
+    fn update_kv(
+        &mut self,
+        t: usize,
+        k: String,
+        sql: &mut String,
+        effects: &mut Vec<Effect>,
+        touched: &mut HashSet<Key>,
+    ) {
+        let v = self.v();
+        sql.push_str(&format!(
+            "UPDATE {} SET v = {v} WHERE id = {k};\n",
+            TABLES[t].0
+        ));
+        touched.insert((t, k.clone()));
+        effects.push(Effect::Put(t, k, v));
+    }
+
+    /// A write to `late` or `gone`: an insert, an update or a delete.
+    fn op_kv(
+        &mut self,
+        h: &History,
+        t: usize,
+        sql: &mut String,
+        effects: &mut Vec<Effect>,
+        touched: &mut HashSet<Key>,
+    ) {
+        match self.rng.below(100) {
+            0..=44 => self.insert_kv(t, sql, effects, touched),
+            45..=84 => {
+                if let Some(k) = self.pick(h, t, touched) {
+                    self.update_kv(t, k, sql, effects, touched);
+                }
+            }
+            _ => {
+                if let Some(k) = self.pick(h, t, touched) {
+                    sql.push_str(&format!("DELETE FROM {} WHERE id = {k};\n", TABLES[t].0));
+                    touched.insert((t, k.clone()));
+                    effects.push(Effect::Delete(t, k));
+                }
+            }
+        }
     }
 
     /// Inserts a new row into `line`; `big`: with a quantity above 2^31 (`bigint` only).
@@ -285,6 +407,16 @@ impl Workload {
         effects: &mut Vec<Effect>,
         touched: &mut HashSet<Key>,
     ) {
+        // One write in eight goes to `late` or `gone`, while they exist.
+        let kv: Vec<usize> = [(LATE, shape.late), (GONE, !shape.gone_dropped)]
+            .into_iter()
+            .filter_map(|(t, exists)| exists.then_some(t))
+            .collect();
+        if !kv.is_empty() && self.rng.chance(0.125) {
+            let t = kv[self.rng.below(kv.len() as u64) as usize];
+            self.op_kv(h, t, sql, effects, touched);
+            return;
+        }
         let moods = ["sad", "ok", "happy"];
         let roll = self.rng.below(100);
         let q = shape.qty();
@@ -447,9 +579,16 @@ pub(crate) fn start_workload(
     tokio::spawn(async move {
         let mut c = connect_retrying(&db).await;
         while !*stop.borrow() {
+            // The drop of `gone` waits while a slot-drop window is open (the lock is held until
+            // this transaction is settled); the transactions meanwhile go on without it.
+            let drop_guard = if w.drop_due() {
+                w.drop_lock.clone().try_lock_owned().ok()
+            } else {
+                None
+            };
             let tx = {
                 let h = history.lock().unwrap_or_else(|p| p.into_inner());
-                w.draw(&h)
+                w.draw(&h, drop_guard.is_some())
             };
             let committed = match c.batch_execute(&tx.sql).await {
                 Ok(()) => true,
@@ -473,6 +612,8 @@ pub(crate) fn start_workload(
                 if tx.shape.extra && !w.shape.extra && w.extra_default {
                     w.rewrite.store(REWRITE_COMMITTED, Ordering::SeqCst);
                 }
+                let created = tx.shape.late && !w.shape.late;
+                let dropped = tx.shape.gone_dropped && !w.shape.gone_dropped;
                 w.shape = tx.shape;
                 let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
                 // Numbered in commit order: the workload commits one transaction at a time.
@@ -482,9 +623,18 @@ pub(crate) fn start_workload(
                 if tx.effects.len() > 10_000 {
                     h.large_committed = true;
                 }
+                if created {
+                    h.late_created = Some(n);
+                    // Under the history's lock: whoever sees LATE_CREATED finds the number.
+                    w.late.store(LATE_CREATED, Ordering::SeqCst);
+                }
+                if dropped {
+                    h.gone_dropped = Some(n);
+                }
             } else if tx.effects.len() > 10_000 {
                 w.large_at = w.tx + 1;
             }
+            drop(drop_guard);
             tokio::time::sleep(Duration::from_millis(4)).await;
         }
         w
