@@ -22,8 +22,9 @@
 //! in is a committed state of that key, never an older one than seen before; (5) the target
 //! equals the source, row for row and in its columns (names, types, order: the workload adds a
 //! column to `acct`, with a default for half the seeds, so that `acct` is read again; renames
-//! `line.qty` to `quantity` and makes it `bigint`; creates table `late` and drops table `gone`,
-//! each at a transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle
+//! `line.qty` to `quantity` and makes it `bigint`; drops `doc.title`, which the target keeps
+//! (`on_column_drop = "keep"`: compared without it); creates table `late` and drops table
+//! `gone`, each at a transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle
 //! recovered without help; (7) the daemon's peak RSS stayed under a bound. (3), the slot never
 //! confirming what Kafka lacks, is what (1) checks after each SIGKILL: a position confirmed too
 //! early would be a gap.
@@ -315,16 +316,20 @@ async fn exists(c: &Client, table: &str) -> bool {
 const GONE_COLUMNS: [&str; 2] = ["id bigint", "v bigint"];
 
 /// Check (5), the tables' shape: the tables whose columns differ (a rename followed as a new
-/// column, a type not changed), with what each side has. `gone`, once dropped at the source
-/// (`gone_dropped`), is kept in the target with the columns it had.
-async fn divergent_columns(src: &Client, dst: &Client, gone_dropped: bool) -> (usize, Vec<String>) {
+/// column, a type not changed), with what each side has. `gone`, once dropped at the source,
+/// is kept in the target with the columns it had; so is `doc.title` once dropped at the source
+/// (`on_column_drop = "keep"`), in its place.
+async fn divergent_columns(src: &Client, dst: &Client, shape: &Shape) -> (usize, Vec<String>) {
     let mut notes = Vec::new();
     for (i, (t, _)) in TABLES.into_iter().enumerate() {
-        let a = if i == GONE && gone_dropped {
+        let mut a = if i == GONE && shape.gone_dropped {
             Vec::from(GONE_COLUMNS.map(String::from))
         } else {
             columns(src, t).await
         };
+        if t == "doc" && shape.title_dropped && a.len() >= 2 {
+            a.insert(2, "title text".to_string());
+        }
         let b = columns(dst, t).await;
         if a != b {
             notes.push(format!("{t}: columns differ: source {a:?}, target {b:?}"));
@@ -335,11 +340,14 @@ async fn divergent_columns(src: &Client, dst: &Client, gone_dropped: bool) -> (u
 
 /// Check (5): row for row, and the number of rows that differ. `gone_final`: `gone` was
 /// dropped at the source, and the target holds these rows of it (the history's last state of
-/// each key), no other. `late` is compared once it exists on either side.
+/// each key), no other. `late` is compared once it exists on either side. Once `doc.title`
+/// was dropped at the source (`title_dropped`), `doc` is compared without it: the target
+/// keeps the column, with the values it had.
 async fn divergent_rows(
     src: &Client,
     dst: &Client,
     gone_final: Option<&HashMap<String, i64>>,
+    title_dropped: bool,
 ) -> (usize, Vec<String>) {
     let mut n = 0;
     let mut notes = Vec::new();
@@ -366,11 +374,11 @@ async fn divergent_rows(
         }
         let mut a: HashSet<String> = HashSet::new();
         if in_src {
-            a.extend(dump(src, t, order).await);
+            a.extend(compared_rows(src, t, order, title_dropped).await);
         }
         let mut b: HashSet<String> = HashSet::new();
         if in_dst {
-            b.extend(dump(dst, t, order).await);
+            b.extend(compared_rows(dst, t, order, title_dropped).await);
         }
         let d = a.symmetric_difference(&b).count();
         if d > 0 {
@@ -383,6 +391,23 @@ async fn divergent_rows(
         n += d;
     }
     (n, notes)
+}
+
+/// `table`'s rows as text, as check (5) compares them: `doc` without `title` once the source
+/// dropped it (`title_dropped`).
+async fn compared_rows(c: &Client, table: &str, order: &str, title_dropped: bool) -> Vec<String> {
+    if table != "doc" || !title_dropped {
+        return dump(c, table, order).await;
+    }
+    c.query(
+        &format!("SELECT ROW(id, v, body)::text FROM {table} ORDER BY {order}"),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("dump {table} without title: {e}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 async fn max_txlog(c: &Client) -> i64 {
@@ -583,6 +608,7 @@ on_table_drop = "keep"
         retype_at: 1 + Rng(seed.rotate_left(29)).below(total_tx_hint),
         create_at: 1 + Rng(seed.rotate_left(53)).below(total_tx_hint),
         drop_at: 1 + Rng(seed.rotate_left(59)).below(total_tx_hint),
+        drop_column_at: 1 + Rng(seed.rotate_left(61)).below(total_tx_hint),
         large_at: 1 + Rng(seed.rotate_left(7)).below(total_tx_hint),
         large_rows,
         shape: Shape::default(),
@@ -599,13 +625,14 @@ on_table_drop = "keep"
     let late = workload.late.clone();
     let drop_lock = workload.drop_lock.clone();
     println!(
-        "chaos: DDL from transaction {} (acct ADD COLUMN extra{}), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint), {} (CREATE TABLE late), {} (DROP TABLE gone)",
+        "chaos: DDL from transaction {} (acct ADD COLUMN extra{}), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint), {} (CREATE TABLE late), {} (DROP TABLE gone), {} (doc DROP COLUMN title)",
         workload.add_column_at,
         if workload.extra_default { " DEFAULT, read again" } else { "" },
         workload.rename_at,
         workload.retype_at,
         workload.create_at,
-        workload.drop_at
+        workload.drop_at,
+        workload.drop_column_at
     );
     let load = start_workload(db.clone(), workload, history.clone(), stop_rx.clone());
     let observed = Arc::new(Mutex::new(Observed::default()));
@@ -874,8 +901,11 @@ on_table_drop = "keep"
     loop {
         daemon.sample_rss();
         if max_txlog(&dst).await >= want
-            && divergent_columns(&src, &dst, shape.gone_dropped).await.0 == 0
-            && divergent_rows(&src, &dst, gone_final.as_ref()).await.0 == 0
+            && divergent_columns(&src, &dst, &shape).await.0 == 0
+            && divergent_rows(&src, &dst, gone_final.as_ref(), shape.title_dropped)
+                .await
+                .0
+                == 0
         {
             break;
         }
@@ -891,12 +921,12 @@ on_table_drop = "keep"
     }
 
     let mut f = Findings::default();
-    let (d, notes) = divergent_columns(&src, &dst, shape.gone_dropped).await;
+    let (d, notes) = divergent_columns(&src, &dst, &shape).await;
     f.divergent_columns = d;
     for n in notes {
         f.note(n);
     }
-    let (d, notes) = divergent_rows(&src, &dst, gone_final.as_ref()).await;
+    let (d, notes) = divergent_rows(&src, &dst, gone_final.as_ref(), shape.title_dropped).await;
     f.divergent_rows = d;
     for n in notes {
         f.note(n);

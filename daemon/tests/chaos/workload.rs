@@ -8,12 +8,13 @@
 //!    └── History::live (keys to pick)            └──► settled by looking for the txlog row
 //! ```
 //!
-//! Five DDL changes come at transactions drawn from the seed, each in its own order:
+//! Six DDL changes come at transactions drawn from the seed, each in its own order:
 //! `acct` gets column `extra` (with a default for half the seeds, which the daemon answers by
 //! reading `acct` again), `line.qty` is renamed `quantity`, and that column (under
 //! whichever name it has then) becomes `bigint`, after which some writes put values above 2^31
 //! into it; table `late` is created (with its first rows, in the same transaction), and table
-//! `gone` is dropped (after a last change of it, in the same transaction). The writes of a
+//! `gone` is dropped (after a last change of it, in the same transaction), and `doc.title` is
+//! dropped (the target keeps it: `on_column_drop = "keep"`). The writes of a
 //! transaction after its DDL use the new shape; the workload's [`Shape`] follows only DDL that
 //! committed (a transaction that did not commit has its DDL done again by the next one). Each
 //! change of `line` is followed in its transaction by an insert into `line`, so that an event
@@ -88,6 +89,8 @@ pub(crate) struct Shape {
     pub(crate) late: bool,
     /// Table `gone` was dropped.
     pub(crate) gone_dropped: bool,
+    /// `doc.title` was dropped (the target keeps it, with its values: `on_column_drop = "keep"`).
+    pub(crate) title_dropped: bool,
 }
 
 impl Shape {
@@ -139,6 +142,8 @@ pub(crate) struct Workload {
     /// transaction from there on that commits (the drop: that also holds [`Self::drop_lock`]).
     pub(crate) create_at: u64,
     pub(crate) drop_at: u64,
+    /// The txlog id from which on `doc.title` is dropped.
+    pub(crate) drop_column_at: u64,
     pub(crate) large_at: u64,
     pub(crate) large_rows: i64,
     /// The shape the committed transactions left.
@@ -277,6 +282,10 @@ impl Workload {
             ));
             shape.bigint = true;
             self.insert_line(shape, true, sql, effects, touched);
+        }
+        if id >= self.drop_column_at && !shape.title_dropped {
+            shape.title_dropped = true;
+            sql.push_str("ALTER TABLE doc DROP COLUMN title;\n");
         }
         if id >= self.create_at && !shape.late {
             shape.late = true;
@@ -503,9 +512,11 @@ impl Workload {
             81..=85 => {
                 self.next_id += 1;
                 let (id, v) = (self.next_id, self.v());
-                sql.push_str(&format!(
-                    "INSERT INTO doc VALUES ({id}, {v}, 't{v}', {BIG_BODY});\n"
-                ));
+                sql.push_str(&if shape.title_dropped {
+                    format!("INSERT INTO doc (id, v, body) VALUES ({id}, {v}, {BIG_BODY});\n")
+                } else {
+                    format!("INSERT INTO doc VALUES ({id}, {v}, 't{v}', {BIG_BODY});\n")
+                });
                 touched.insert((2, id.to_string()));
                 effects.push(Effect::Put(2, id.to_string(), v));
             }
@@ -517,8 +528,13 @@ impl Workload {
                     } else {
                         String::new()
                     };
+                    let title = if shape.title_dropped {
+                        String::new()
+                    } else {
+                        format!(", title = 't{v}'")
+                    };
                     sql.push_str(&format!(
-                        "UPDATE doc SET v = {v}, title = 't{v}'{body} WHERE id = {k};\n"
+                        "UPDATE doc SET v = {v}{title}{body} WHERE id = {k};\n"
                     ));
                     touched.insert((2, k.clone()));
                     effects.push(Effect::Put(2, k, v));
