@@ -340,26 +340,41 @@ pub(crate) async fn await_reread(
     context: &str,
     with_late: bool,
 ) {
+    let (since, limit) = (Instant::now(), Duration::from_secs(240));
+    // After the last notice: a resync interrupted before it was recorded comes again. The
+    // delivery must name acct: `late`'s read is a resync too.
+    let done = |log: &str| {
+        let after = log.rfind(REWRITE_NOTICE).map(|at| &log[at..]);
+        after.is_some_and(|rest| logged(rest, &[RESYNC_DELIVERED, "public.acct"]))
+    };
+    let what = "the daemon did not read acct again within 240 s of its ADD COLUMN ... DEFAULT";
+    wait_logged(daemon, context, what, limit, done).await;
+    await_applied(daemon, db, target, context, since, limit, with_late).await;
+}
+
+/// Waits until `done` holds for the logs of all runs; fails with `what` after `limit`, or if
+/// the daemon exited by itself.
+async fn wait_logged(
+    daemon: &mut Supervised,
+    context: &str,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) {
     let since = Instant::now();
-    let limit = Duration::from_secs(240);
     loop {
         daemon.sample_rss();
-        let log = daemon.all_logs_text();
-        // After the last notice: a resync interrupted before it was recorded comes again. The
-        // delivery must name acct: `late`'s read is a resync too.
-        let after = log.rfind(REWRITE_NOTICE).map(|at| &log[at..]);
-        if after.is_some_and(|rest| logged(rest, &[RESYNC_DELIVERED, "public.acct"])) {
-            break;
+        if done(&daemon.all_logs_text()) {
+            return;
         }
         assert!(
             since.elapsed() < limit,
-            "{context}: the daemon did not read acct again within 240 s of its ADD COLUMN ... DEFAULT; log:\n{}",
+            "{context}: {what}; log:\n{}",
             daemon.log_tail()
         );
         daemon.assert_running(context);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    await_applied(daemon, db, target, context, since, limit, with_late).await;
 }
 
 const REWRITE_NOTICE: &str = "gave every existing row a value the WAL does not carry";
@@ -377,21 +392,12 @@ pub(crate) async fn await_late_read(
     context: &str,
     history: &Mutex<History>,
 ) -> u64 {
-    let since = Instant::now();
-    let limit = Duration::from_secs(240);
-    loop {
-        daemon.sample_rss();
-        if logged(&daemon.all_logs_text(), &[RESYNC_DELIVERED, "public.late"]) {
-            break;
-        }
-        assert!(
-            since.elapsed() < limit,
-            "{context}: the daemon did not add and read the new table late within 240 s; log:\n{}",
-            daemon.log_tail()
-        );
-        daemon.assert_running(context);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (since, limit) = (Instant::now(), Duration::from_secs(240));
+    let what = "the daemon did not add and read the new table late within 240 s";
+    wait_logged(daemon, context, what, limit, |log| {
+        logged(log, &[RESYNC_DELIVERED, "public.late"])
+    })
+    .await;
     let end = {
         let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
         let end = h.committed_tx;
@@ -413,21 +419,12 @@ pub(crate) async fn await_drop_applied(
     context: &str,
     with_late: bool,
 ) {
-    let since = Instant::now();
-    let limit = Duration::from_secs(240);
-    loop {
-        daemon.sample_rss();
-        if logged(&daemon.all_logs_text(), &[DROP_KEPT, "table=public.gone"]) {
-            break;
-        }
-        assert!(
-            since.elapsed() < limit,
-            "{context}: the sink did not apply the drop of gone within 240 s; log:\n{}",
-            daemon.log_tail()
-        );
-        daemon.assert_running(context);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (since, limit) = (Instant::now(), Duration::from_secs(240));
+    let what = "the sink did not apply the drop of gone within 240 s";
+    wait_logged(daemon, context, what, limit, |log| {
+        logged(log, &[DROP_KEPT, "table=public.gone"])
+    })
+    .await;
     await_applied(daemon, db, target, context, since, limit, with_late).await;
 }
 
