@@ -90,6 +90,9 @@ struct StoredShape {
     relation_id: u32,
 }
 
+/// Size of one RocksDB memtable of the checkpoint store.
+const MEMTABLE_BYTES: usize = 2 << 20;
+
 impl CheckpointStore {
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         let open_err = |detail: String| CheckpointError::Open {
@@ -108,6 +111,10 @@ impl CheckpointStore {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
         opts.set_keep_log_file_num(3);
+        // A few hundred small keys, each written over and over: 2 MB memtables (RocksDB's
+        // default is 64 MB each) flush often and keep the store's memory flat.
+        opts.set_write_buffer_size(MEMTABLE_BYTES);
+        opts.set_max_write_buffer_number(2);
         rocksdb::DB::open(&opts, dir.join("checkpoints")).map_err(|e| {
             let msg = e.to_string();
             CheckpointError::Open {

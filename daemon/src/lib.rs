@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod checkpoint;
+pub mod memory;
 pub use bitclone9_config as config;
 pub mod pipeline;
 pub mod sink;
@@ -84,6 +85,7 @@ pub fn sink_settings(name: &str, cfg: &Config) -> Option<sink::SinkPipelineConfi
         },
         dead_letter_topic: k.dead_letter(name),
         max_batch: k.max_batch_events,
+        max_batch_bytes: k.max_batch_bytes,
         max_wait: k.max_batch_wait,
         apply_concurrency: k.apply_concurrency,
     })

@@ -180,6 +180,11 @@ enum SlotAction {
     },
 }
 
+/// jemalloc gives memory freed after a burst (a snapshot, a large transaction) back to the
+/// system within seconds, where the system allocator kept it in per-thread arenas.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config_path, log_format) = match &cli.command {
@@ -530,6 +535,7 @@ async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
             upkeep.run_upkeep();
         }
     });
+    bitclone9::memory::spawn_gauges();
     let status = Arc::new(Status::default());
     let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(8);
     let admin_addr = bitclone9::admin::serve(

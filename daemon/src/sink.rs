@@ -86,6 +86,8 @@ pub struct SinkPipelineConfig {
     pub on_error: PoisonPolicy,
     pub dead_letter_topic: String,
     pub max_batch: usize,
+    /// Most bytes of records (key and value) in one batch.
+    pub max_batch_bytes: usize,
     pub max_wait: Duration,
     /// Target sessions applying disjoint sets of partitions at once.
     pub apply_concurrency: usize,
@@ -401,11 +403,20 @@ async fn run_once(
             Ok(Err(e)) => return Err(SinkPipelineError::Kafka(format!("consuming: {e}"))),
             Ok(Ok(msg)) => msg.detach(),
         };
+        let record_bytes =
+            |m: &OwnedMessage| m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
+        let mut bytes = record_bytes(&first);
         let mut msgs = vec![first];
         let deadline = tokio::time::Instant::now() + cfg.max_wait;
-        while msgs.len() < cfg.max_batch {
+        // The batch ends at max_batch_events records or max_batch_bytes: what the sink holds
+        // (records and their decoded rows) stays bounded however large the rows are.
+        while msgs.len() < cfg.max_batch && bytes < cfg.max_batch_bytes {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(msg)) => msgs.push(msg.detach()),
+                Ok(Ok(msg)) => {
+                    let msg = msg.detach();
+                    bytes += record_bytes(&msg);
+                    msgs.push(msg);
+                }
                 Ok(Err(e)) if waiting_for_topics(&e) => break,
                 Ok(Err(e)) => return Err(SinkPipelineError::Kafka(format!("consuming: {e}"))),
                 Err(_) => break,

@@ -456,6 +456,10 @@ pub struct SinkConfig {
     /// Most events applied in one target transaction.
     #[serde(default = "default_max_batch")]
     pub max_batch_events: usize,
+    /// Most bytes of Kafka records (keys and values, as fetched) in one batch: with large rows
+    /// a batch ends here before `max_batch_events`, so the sink's memory stays bounded.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
     /// How long a batch waits to fill once its first event arrived.
     #[serde(default = "default_batch_wait", with = "humantime_serde")]
     pub max_batch_wait: Duration,
@@ -477,6 +481,9 @@ fn yes() -> bool {
 }
 fn default_max_batch() -> usize {
     10_000
+}
+fn default_max_batch_bytes() -> usize {
+    8 << 20
 }
 fn default_batch_wait() -> Duration {
     Duration::from_millis(20)
@@ -822,6 +829,12 @@ impl Config {
             }
             if k.max_batch_events == 0 {
                 return Err((at("max_batch_events"), "expected at least 1".into()));
+            }
+            if k.max_batch_bytes < 1024 {
+                return Err((
+                    at("max_batch_bytes"),
+                    format!("expected at least 1024 (bytes), got {}", k.max_batch_bytes),
+                ));
             }
             if !(1..=16).contains(&k.apply_concurrency) {
                 return Err((

@@ -12,7 +12,7 @@
 //! ```
 
 use crate::check::{History, LATE, TABLES};
-use crate::common::{admin, confirmed_flush, current_lsn, stack, Daemon};
+use crate::common::{admin, admin_addr, confirmed_flush, current_lsn, metric_sum, stack, Daemon};
 use crate::{connect_retrying, max_txlog};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
@@ -65,6 +65,20 @@ impl Supervised {
                 self.peak_rss_mb = self.peak_rss_mb.max(kb / 1024.0);
             }
         }
+    }
+    /// The daemon's memory gauges now, as "RSS x MB, allocated y MB" (allocated growing from
+    /// cycle to cycle would be a leak).
+    pub(crate) async fn memory_now(&mut self) -> String {
+        let Some(d) = self.daemon.as_mut() else {
+            return "stopped".into();
+        };
+        let addr = admin_addr(d).await;
+        let mb = |v: f64| v / 1024.0 / 1024.0;
+        format!(
+            "RSS {:.0} MB, allocated {:.0} MB",
+            mb(metric_sum(&addr, "bitclone9_process_resident_memory_bytes", "").await),
+            mb(metric_sum(&addr, "bitclone9_memory_allocated_bytes", "").await)
+        )
     }
     /// The log of the daemon's current run (each start writes a log of its own).
     pub(crate) fn log_text(&self) -> String {

@@ -849,8 +849,9 @@ on_table_drop = "keep"
             );
         }
         let took = healed.elapsed().as_secs_f64();
+        let memory = daemon.memory_now().await;
         println!(
-            "chaos: cycle {cycle} recovered in {took:.1} s (peak RSS so far {:.0} MB)",
+            "chaos: cycle {cycle} recovered in {took:.1} s (peak RSS so far {:.0} MB; now {memory})",
             daemon.peak_rss_mb
         );
         recoveries.push((cycle, faults, took));
