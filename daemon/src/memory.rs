@@ -4,13 +4,13 @@
 //!
 //! ```text
 //!  /proc/self/status VmRSS ───────► bitclone9_process_resident_memory_bytes
-//!  jemalloc stats (every 10 s) ──► bitclone9_memory_allocated_bytes   (live Rust allocations)
+//!  jemalloc stats (every 10 s) ──► bitclone9_memory_allocated_bytes   (all live allocations)
 //!                               └► bitclone9_memory_allocator_resident_bytes (the allocator's pages in RAM)
 //! ```
 //!
 //! Allocated far below resident for long is fragmentation; allocated growing run after run is a
-//! leak. Allocations made by C libraries (librdkafka, RocksDB) count in the process's resident
-//! memory only.
+//! leak. The C libraries (librdkafka, RocksDB) allocate through jemalloc too, so they count in
+//! both.
 
 use std::time::Duration;
 
