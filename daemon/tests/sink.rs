@@ -670,6 +670,33 @@ async fn a_column_added_at_the_source_is_added_to_the_target() {
     cl.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_large_rows_ends_at_max_batch_bytes() {
+    // Rows of about 2 KB on Kafka; a batch may hold 8 KB of them, so at most 4 (it ends at the
+    // record that reaches the bound; the snapshot's opening truncate may join one), where
+    // max_batch_events alone would take hundreds.
+    let cl = Clone::new(
+        "skbatchbytes",
+        "CREATE TABLE t (id int PRIMARY KEY, body text);
+         INSERT INTO t SELECT g, repeat(md5(g::text), 64) FROM generate_series(1, 300) g",
+        "",
+        "max_batch_bytes = 8192",
+    )
+    .await;
+    let mut daemon = Daemon::start(&cl.config, "batchbytes");
+    let addr = admin_addr(&mut daemon).await;
+    wait_equal(&cl, &[("t", "id")], Duration::from_secs(90)).await;
+    let records = metric_sum(&addr, "bitclone9_sink_batch_records_sum", "").await;
+    let batches = metric_sum(&addr, "bitclone9_sink_batch_records_count", "").await;
+    assert!(records >= 300.0, "the sink applied {records} records");
+    assert!(
+        records / batches <= 5.0,
+        "{records} records in {batches} batches: more than 8 KB of 2 KB rows in a batch"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    cl.cleanup().await;
+}
+
 /// The number of records in every partition of `topic` (sum of high watermarks).
 fn topic_records(topic: &str) -> i64 {
     let s = stack();
