@@ -389,7 +389,7 @@ async fn run_once(
                     SourceEvent::Change(change) => {
                         counts[change.op as usize] += 1;
                         if writer.needs_prepare(&change.table) {
-                            if let Err(e) = writer.prepare(&change.table).await {
+                            if let Err(e) = writer.prepare(&change).await {
                                 failed = Some(e.into());
                                 break;
                             }

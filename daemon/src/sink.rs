@@ -18,9 +18,9 @@ use crate::checkpoint::CheckpointStore;
 use crate::status::{ConnectorState, Status};
 use bitclone9_core::{Change, Op};
 use bitclone9_kafka::decode::{DecodeError, Decoded, EventReader, TombstoneHeaders};
-use bitclone9_kafka::{EventProducer, KafkaSettings, TABLE_DROPPED_HEADER};
+use bitclone9_kafka::{EventProducer, KafkaSettings, SHAPE_BARRIER_HEADER, TABLE_DROPPED_HEADER};
 use bitclone9_postgres_sink::{
-    Applied, PartitionPosition, PostgresTarget, PostgresTargetConfig, TargetError, Watermark,
+    Applied, Part, PartitionPosition, PostgresTarget, PostgresTargetConfig, TargetError, Watermark,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 mod barrier;
-use barrier::TruncateBarrier;
+use barrier::PartitionBarrier;
 
 /// Why a sink run ended.
 #[derive(Debug, thiserror::Error)]
@@ -253,8 +253,39 @@ impl Item {
         match &self.decoded {
             Ok(Decoded::Change(c)) => Some(Watermark::of(c)),
             Ok(Decoded::Tombstone(Some(c))) => Some(Watermark::of_tombstone(c)),
+            Ok(Decoded::Tombstone(None)) => self.shape_barrier(),
             _ => None,
         }
+    }
+
+    /// The position of a shape barrier (a record of no key or value with the
+    /// [`SHAPE_BARRIER_HEADER`]): just before the change of new column types it announces.
+    fn shape_barrier(&self) -> Option<Watermark> {
+        if !matches!(self.decoded, Ok(Decoded::Tombstone(None))) {
+            return None;
+        }
+        let kind = self
+            .msg
+            .headers()?
+            .iter()
+            .find(|h| h.key == SHAPE_BARRIER_HEADER)?
+            .value?;
+        let h = tombstone_headers(&self.msg);
+        Some(Watermark {
+            lsn: h.lsn?.0,
+            streamed: kind == b"streamed",
+            seq: h.seq?,
+            part: Part::Barrier,
+        })
+    }
+
+    /// Where the barrier holds this record's partition until every partition reached it: a
+    /// truncate, or a shape barrier.
+    fn barrier(&self) -> Option<Watermark> {
+        self.change()
+            .filter(|c| c.op == Op::Truncate)
+            .map(Watermark::of)
+            .or_else(|| self.shape_barrier())
     }
 
     /// The announcement that this truncate's table was dropped at the source.
@@ -370,7 +401,7 @@ async fn run_once(
         last: None,
         gauge: metrics::gauge!("bitclone9_sink_lag_records", "connector" => name.to_string()),
     };
-    let mut barrier = TruncateBarrier::default();
+    let mut barrier = PartitionBarrier::default();
     let dead_letters = |reason: &str| metrics::counter!("bitclone9_sink_dead_letters_total", "connector" => name.to_string(), "reason" => reason.to_string());
 
     loop {
@@ -445,63 +476,85 @@ async fn run_once(
             // them now rather than at the next periodic scan.
             assigner.rescan_soon();
         }
-        let items = routed.ready;
-        if items.is_empty() {
+        if routed.ready.is_empty() {
             continue;
         }
-        let started = Instant::now();
-        let truncates = items
-            .iter()
-            .any(|i| i.change().is_some_and(|c| c.op == Op::Truncate));
-        let outcome = if more_targets.is_empty() || truncates {
-            // A truncate and what follows it are applied in order, in one transaction.
-            let all: Vec<&Item> = items.iter().collect();
-            apply_batch(cfg, &mut target, &producer, &all, &m).await?
-        } else {
-            apply_concurrently(cfg, &mut target, &mut more_targets, &producer, &items, &m).await?
-        };
-        for (kind, n) in &outcome.dead_lettered {
-            dead_letters(kind).increment(*n);
-        }
-        for table in &outcome.dropped_tables {
-            for t in more_targets.iter_mut() {
-                t.forget(table);
+        // A shape barrier ends a target transaction: what came before it (events of the old
+        // column types) commits before what follows, which may change a column, or fail until
+        // an operator changes it, and is then applied again from the committed positions.
+        for items in after_shape_barriers(routed.ready) {
+            let started = Instant::now();
+            let truncates = items
+                .iter()
+                .any(|i| i.change().is_some_and(|c| c.op == Op::Truncate));
+            let outcome = if more_targets.is_empty() || truncates {
+                // A truncate and what follows it are applied in order, in one transaction.
+                let all: Vec<&Item> = items.iter().collect();
+                apply_batch(cfg, &mut target, &producer, &all, &m).await?
+            } else {
+                apply_concurrently(cfg, &mut target, &mut more_targets, &producer, &items, &m)
+                    .await?
+            };
+            for (kind, n) in &outcome.dead_lettered {
+                dead_letters(kind).increment(*n);
             }
-        }
-        tracing::debug!(connector = %name, records = items.len(), duplicates = outcome.duplicates, elapsed = ?started.elapsed(), "batch applied");
-        m.apply_seconds.record(started.elapsed().as_secs_f64());
-        m.batch_events.record(items.len() as f64);
-        m.duplicates.increment(outcome.duplicates);
-        m.missing_rows.increment(outcome.missing_rows);
-        let now_us = (now_secs() * 1e6) as i64;
-        for item in &items {
-            // Streamed events only: snapshot rows carry the snapshot's start, tombstones no time.
-            if let Ok(Decoded::Change(c)) = &item.decoded {
-                if c.op != Op::Read && c.snapshot == bitclone9_core::SnapshotMark::No {
-                    m.commit_lag
-                        .record((now_us - c.tx.commit_time_us).max(0) as f64 / 1e6);
+            for table in &outcome.dropped_tables {
+                for t in more_targets.iter_mut() {
+                    t.forget(table);
                 }
             }
-        }
-        // Follow the target: checkpoint, then tell the consumer group.
-        let offsets: Vec<(String, i32, i64)> = outcome
-            .positions
-            .iter()
-            .map(|p| (p.topic.clone(), p.partition, p.applied.offset))
-            .collect();
-        store.save_sink_offsets(name, &offsets)?;
-        for p in &outcome.positions {
-            applied.insert((p.topic.clone(), p.partition), p.applied);
-        }
-        m.checkpointed_at.set(now_secs());
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition, offset) in &offsets {
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
-        }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            tracing::warn!(connector = %name, error = %e, "cannot commit offsets to the consumer group (the target holds the positions; lag tools may show stale lag)");
+            tracing::debug!(connector = %name, records = items.len(), duplicates = outcome.duplicates, elapsed = ?started.elapsed(), "batch applied");
+            m.apply_seconds.record(started.elapsed().as_secs_f64());
+            m.batch_events.record(items.len() as f64);
+            m.duplicates.increment(outcome.duplicates);
+            m.missing_rows.increment(outcome.missing_rows);
+            let now_us = (now_secs() * 1e6) as i64;
+            for item in &items {
+                // Streamed events only: snapshot rows carry the snapshot's start, tombstones no time.
+                if let Ok(Decoded::Change(c)) = &item.decoded {
+                    if c.op != Op::Read && c.snapshot == bitclone9_core::SnapshotMark::No {
+                        m.commit_lag
+                            .record((now_us - c.tx.commit_time_us).max(0) as f64 / 1e6);
+                    }
+                }
+            }
+            // Follow the target: checkpoint, then tell the consumer group.
+            let offsets: Vec<(String, i32, i64)> = outcome
+                .positions
+                .iter()
+                .map(|p| (p.topic.clone(), p.partition, p.applied.offset))
+                .collect();
+            store.save_sink_offsets(name, &offsets)?;
+            for p in &outcome.positions {
+                applied.insert((p.topic.clone(), p.partition), p.applied);
+            }
+            m.checkpointed_at.set(now_secs());
+            let mut tpl = TopicPartitionList::new();
+            for (topic, partition, offset) in &offsets {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
+            }
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::warn!(connector = %name, error = %e, "cannot commit offsets to the consumer group (the target holds the positions; lag tools may show stale lag)");
+            }
         }
     }
+}
+
+/// `items` cut after each run of shape barriers, in order.
+fn after_shape_barriers(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut parts: Vec<Vec<Item>> = vec![Vec::new()];
+    let mut after_barrier = false;
+    for item in items {
+        let barrier = item.shape_barrier().is_some();
+        if after_barrier && !barrier {
+            parts.push(Vec::new());
+        }
+        after_barrier = barrier;
+        if let Some(last) = parts.last_mut() {
+            last.push(item);
+        }
+    }
+    parts
 }
 
 /// Lag per partition, for `/status` and `bitclone9_sink_lag_records`, every 10 s at most.

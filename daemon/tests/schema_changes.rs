@@ -512,6 +512,81 @@ async fn a_type_change_the_target_cannot_cast_stops_the_sink_with_the_statement_
     cl.cleanup().await;
 }
 
+/// A type change the target cannot cast, over four partitions, read from a backlog in small
+/// batches: partitions reach the change at different times. The sink applies no event of the
+/// new shape before every partition has applied its events of the old one, so the operator's
+/// expression converts every old value, and nothing of the old shape meets the new column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncastable_type_change_waits_for_every_partition_before_the_new_shape() {
+    let cl = common::clone::Clone::with_partitions(
+        "skcastparts",
+        "CREATE TABLE t (id int PRIMARY KEY, code text);
+         INSERT INTO t SELECT g, 'c' || g FROM generate_series(1, 400) g",
+        "",
+        "max_batch_events = 10",
+        4,
+    )
+    .await;
+    let text = std::fs::read_to_string(&cl.config).expect("config");
+    std::fs::write(
+        &cl.config,
+        text.replacen(
+            "partitions = 4\n",
+            "partitions = 4\non_incompatible_schema = \"new_version\"\n",
+            1,
+        ),
+    )
+    .expect("config");
+    let mut daemon = Daemon::start(&cl.config, "castparts");
+    let all = "SELECT id, code::text FROM t ORDER BY id";
+    wait_same(&cl, all, Duration::from_secs(90)).await;
+    assert_eq!(daemon.terminate(), Some(0));
+    // A backlog: old-shape updates of every row (all partitions), the change, new-shape writes.
+    cl.src
+        .batch_execute(
+            "UPDATE t SET code = 'c' || (id * 10);
+             ALTER TABLE t ALTER COLUMN code TYPE bigint USING substr(code, 2)::bigint;
+             INSERT INTO t SELECT g, g * 10 FROM generate_series(401, 500) g;
+             UPDATE t SET code = code + 1 WHERE id % 7 = 0;",
+        )
+        .await
+        .expect("writes and the change");
+    // The source alone puts it all on Kafka first, so the sink meets a backlog whose
+    // partitions it reads in any order.
+    let end = current_lsn(&cl.src).await;
+    let text = std::fs::read_to_string(&cl.config).expect("config");
+    let source_only = cl.config.with_extension("source.toml");
+    let cut = text.find("\n[sinks.").expect("a sink section");
+    std::fs::write(&source_only, &text[..cut]).expect("source-only config");
+    let mut source = Daemon::start(&source_only, "castparts-src");
+    let admin = admin().await;
+    let slot = format!("bitclone9_{}", cl.spec.db);
+    wait_confirmed(&admin, &slot, end, Duration::from_secs(60)).await;
+    assert!(
+        source
+            .log_text()
+            .contains("column types changed: wrote a shape barrier to every partition"),
+        "the source marks where the new types start"
+    );
+    assert_eq!(source.terminate(), Some(0));
+    let mut daemon = Daemon::start(&cl.config, "castparts2");
+    daemon
+        .wait_log("the target cannot cast its values", Duration::from_secs(90))
+        .await;
+    cl.dst
+        .batch_execute("ALTER TABLE t ALTER COLUMN code TYPE bigint USING substr(code, 2)::bigint")
+        .await
+        .expect("operator's fix");
+    wait_same(&cl, all, Duration::from_secs(120)).await;
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("dead-letter topic"),
+        "nothing dead-lettered: {log}"
+    );
+    drop(daemon);
+    cl.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ddl_trigger_finds_a_new_table_without_a_catalog_poll() {
     let (db, client) = db_with("ddltrig", "CREATE TABLE a (id int PRIMARY KEY)").await;

@@ -227,6 +227,16 @@ pub struct Change {
     pub snapshot: SnapshotMark,
 }
 
+impl Change {
+    /// Streamed from the WAL, rather than read by a snapshot: snapshot rows and the truncate
+    /// opening a snapshot are not. Among changes at one commit position, those read by a
+    /// snapshot come first.
+    pub fn streamed(&self) -> bool {
+        let snapshot_start = self.op == Op::Truncate && self.snapshot != SnapshotMark::No;
+        self.op != Op::Read && !snapshot_start
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

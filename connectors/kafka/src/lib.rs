@@ -295,8 +295,11 @@ impl EventWriter {
         }
     }
 
-    /// Creates the table's topic when missing and registers its schemas for this shape.
-    pub async fn prepare(&mut self, table: &Arc<TableSchema>) -> Result<(), SinkError> {
+    /// Creates the table's topic when missing and registers its schemas for the shape of
+    /// `change`, its first change of that shape. When the shape changes a column's type, a
+    /// shape barrier goes to every partition first (see [`SHAPE_BARRIER_HEADER`]).
+    pub async fn prepare(&mut self, change: &Change) -> Result<(), SinkError> {
+        let table = &change.table;
         let original = table;
         let topic = self.topics.topic_for(table);
         if self.topics.compacted() && !table.has_key() {
@@ -312,6 +315,27 @@ impl EventWriter {
         };
         let numbered = self.with_known_attnums(table, &topic).await?;
         let table = numbered.as_ref().unwrap_or(table);
+        let value = schema::value_schema(table, &topic)?;
+        let value_subject = format!("{topic}-value");
+        if partitions > 1 && !self.topics.compacted() {
+            let before = match self.targets.get(&table.relation_id) {
+                Some(t) => Some(schema::described(&t.schema)),
+                // The first shape of this run: the one the topic's events had last.
+                None => self
+                    .registry
+                    .latest(&value_subject)
+                    .await?
+                    .map(|s| schema::described_columns(&s)),
+            };
+            let retyped = before
+                .map(|b| schema::retyped_columns(&b, table))
+                .unwrap_or_default();
+            // A change the registry refuses stops below, and is retried: no barrier yet.
+            if !retyped.is_empty() && !self.refused(&value_subject, &value).await? {
+                self.send_shape_barrier(change, &topic, partitions, &retyped)
+                    .await?;
+            }
+        }
         let key_schema_id = match schema::key_schema(table, &topic) {
             Some(s) => Some(
                 self.register_checked(table, &format!("{topic}-key"), &s)
@@ -319,10 +343,7 @@ impl EventWriter {
             ),
             None => None,
         };
-        let value = schema::value_schema(table, &topic)?;
-        let value_schema_id = self
-            .register_checked(table, &format!("{topic}-value"), &value)
-            .await?;
+        let value_schema_id = self.register_checked(table, &value_subject, &value).await?;
         tracing::info!(table = %table.id, topic = %topic, key_schema_id, value_schema_id, "table prepared");
         let table = original;
         self.targets.insert(
@@ -368,6 +389,91 @@ impl EventWriter {
             tracing::debug!(table = %table.id, topic, "column numbers taken from the topic's latest schema (the table is not in the catalog)");
         }
         Ok(found.then(|| Arc::new(numbered)))
+    }
+
+    /// Whether registering `schema` under `subject` stops the source: the subject does not
+    /// hold it, its rule refuses it, and `on_incompatible_schema` is `stop`.
+    async fn refused(&self, subject: &str, schema: &str) -> Result<bool, SinkError> {
+        Ok(
+            self.topics.on_incompatible_schema == IncompatibleSchema::Stop
+                && self.registry.lookup(subject, schema).await?.is_none()
+                && !self.registry.is_compatible(subject, schema).await?,
+        )
+    }
+
+    /// Writes a shape barrier to every partition of `topic` and waits until Kafka holds them
+    /// all: records without key or value, placed (by their headers) just before `change`, the
+    /// first change whose column types differ. A sink applies nothing after a partition's
+    /// barrier until every partition reached it, so no event of the old types meets a column
+    /// already changed (by the sink, or by an operator's `USING` expression). Waiting before
+    /// the new schema is registered means a restart that finds the old schema still
+    /// registered writes the barrier again, and one that finds the new one finds the barrier.
+    async fn send_shape_barrier(
+        &self,
+        change: &Change,
+        topic: &str,
+        partitions: i32,
+        retyped: &[(String, String, String)],
+    ) -> Result<(), SinkError> {
+        let fanout = partitions.to_string();
+        let headers = tx_headers(change)
+            .insert(Header {
+                key: TRUNCATE_FANOUT_HEADER,
+                value: Some(&fanout),
+            })
+            .insert(Header {
+                key: SHAPE_BARRIER_HEADER,
+                value: Some(if change.streamed() {
+                    "streamed"
+                } else {
+                    "snapshot"
+                }),
+            })
+            .insert(Header {
+                key: "bitclone9.schema",
+                value: Some(&change.table.id.schema),
+            })
+            .insert(Header {
+                key: "bitclone9.table",
+                value: Some(&change.table.id.name),
+            });
+        let mut deliveries = Vec::with_capacity(partitions as usize);
+        for partition in 0..partitions {
+            let rec = FutureRecord::<[u8], [u8]>::to(topic)
+                .headers(headers.clone())
+                .partition(partition);
+            deliveries.push(enqueue(&self.producer, rec).await?);
+        }
+        for d in deliveries {
+            let delivered = tokio::time::timeout(KAFKA_STALL_LIMIT, d).await;
+            match delivered {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((e, _)))) => {
+                    return Err(SinkError::Produce {
+                        topic: topic.to_string(),
+                        detail: format!("shape barrier: {e}"),
+                    })
+                }
+                Ok(Err(_)) | Err(_) => {
+                    return Err(SinkError::Produce {
+                        topic: topic.to_string(),
+                        detail: format!(
+                            "shape barrier: not acknowledged within {}s",
+                            KAFKA_STALL_LIMIT.as_secs()
+                        ),
+                    })
+                }
+            }
+        }
+        let columns: Vec<String> = retyped
+            .iter()
+            .map(|(c, from, to)| format!("{c} {from} → {to}"))
+            .collect();
+        metrics::counter!("bitclone9_kafka_shape_barriers_total", "topic" => topic.to_string())
+            .increment(1);
+        tracing::info!(table = %change.table.id, topic, partitions, lsn = %change.tx.commit_lsn,
+            columns = %columns.join(", "), "column types changed: wrote a shape barrier to every partition");
+        Ok(())
     }
 
     /// Registers a schema of `table` under `subject`, checking it against the subject's
@@ -753,6 +859,14 @@ impl TopicView {
 /// The header of a truncate record: how many partitions of its topic it was written to (one
 /// record each).
 pub const TRUNCATE_FANOUT_HEADER: &str = "bitclone9.partitions";
+
+/// The header of a shape barrier: a record with neither key nor value, written to every
+/// partition of a table's topic just before the first change whose column types differ from
+/// the events before it. Its value is `streamed` or `snapshot` (whether that change was
+/// streamed or read by a snapshot); `bitclone9.lsn` and `bitclone9.seq` give that change's
+/// position and [`TRUNCATE_FANOUT_HEADER`] the partition count. Consumers that do not know it
+/// skip it as a tombstone of no key.
+pub const SHAPE_BARRIER_HEADER: &str = "bitclone9.shape_barrier";
 
 /// The header (value `true`) that makes a truncate record the announcement that its table was
 /// dropped at the source (see [`EventWriter::send_drop_marker`]).

@@ -181,11 +181,31 @@ pub fn value_schema(table: &TableSchema, topic: &str) -> Result<String, Template
     Ok(envelope.to_string())
 }
 
-/// The source column numbers (`pg.attnum`) an envelope schema gives its columns, by the
-/// columns' source names.
-pub fn attnums_by_name(schema: &str) -> HashMap<String, i16> {
+/// One column as an envelope schema describes it: its source name, number and type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescribedColumn {
+    pub name: String,
+    pub attnum: Option<i16>,
+    pub pg_type: Option<String>,
+}
+
+/// The columns of `table` as its envelope schema describes them.
+pub fn described(table: &TableSchema) -> Vec<DescribedColumn> {
+    table
+        .columns
+        .iter()
+        .map(|c| DescribedColumn {
+            name: c.name.clone(),
+            attnum: c.attnum,
+            pg_type: Some(c.pg_type.clone()),
+        })
+        .collect()
+}
+
+/// The columns of an envelope schema (its `before` record), as the source described them.
+pub fn described_columns(schema: &str) -> Vec<DescribedColumn> {
     let Ok(parsed) = serde_json::from_str::<Json>(schema) else {
-        return HashMap::new();
+        return Vec::new();
     };
     let fields = parsed["fields"]
         .as_array()
@@ -196,9 +216,41 @@ pub fn attnums_by_name(schema: &str) -> HashMap<String, i16> {
         .into_iter()
         .flatten()
         .filter_map(|f| {
-            let attnum = i16::try_from(f["pg.attnum"].as_i64()?).ok()?;
-            let name = f["pg.name"].as_str().or(f["name"].as_str())?;
-            Some((name.to_string(), attnum))
+            Some(DescribedColumn {
+                name: f["pg.name"].as_str().or(f["name"].as_str())?.to_string(),
+                attnum: f["pg.attnum"].as_i64().and_then(|n| i16::try_from(n).ok()),
+                pg_type: f["pg.type"].as_str().map(str::to_string),
+            })
+        })
+        .collect()
+}
+
+/// The source column numbers (`pg.attnum`) an envelope schema gives its columns, by the
+/// columns' source names.
+pub fn attnums_by_name(schema: &str) -> HashMap<String, i16> {
+    described_columns(schema)
+        .into_iter()
+        .filter_map(|c| Some((c.name, c.attnum?)))
+        .collect()
+}
+
+/// The columns of `table` whose type differs from the one `before` gave them (matched by
+/// column number, else by name): `(name, old type, new type)`.
+pub fn retyped_columns(
+    before: &[DescribedColumn],
+    table: &TableSchema,
+) -> Vec<(String, String, String)> {
+    table
+        .columns
+        .iter()
+        .filter_map(|c| {
+            let old = before
+                .iter()
+                .find(|b| c.attnum.is_some() && b.attnum == c.attnum)
+                .or_else(|| before.iter().find(|b| b.name == c.name))?;
+            let old_type = old.pg_type.as_deref()?;
+            (old_type != c.pg_type)
+                .then(|| (c.name.clone(), old_type.to_string(), c.pg_type.clone()))
         })
         .collect()
 }
@@ -313,6 +365,34 @@ mod tests {
                 col("tags", ColumnType::Array(Box::new(ColumnType::Text)), false),
             ],
         }
+    }
+
+    #[test]
+    fn retyped_columns_are_found_by_number_through_renames_and_read_back_from_the_registry() {
+        let mut before = table();
+        for (i, c) in before.columns.iter_mut().enumerate() {
+            c.attnum = Some(i as i16 + 1);
+        }
+        let registered =
+            described_columns(&value_schema(&before, "db.public.orders").expect("schema"));
+        assert_eq!(
+            registered,
+            described(&before),
+            "the schema keeps name, number and type"
+        );
+        let mut after = before.clone();
+        after.columns[1].name = "price".into(); // renamed, same type: no change
+        after.columns[2].pg_type = "bigint".into(); // retyped
+        after.columns.remove(3); // dropped: no change of type
+        assert_eq!(
+            retyped_columns(&registered, &after),
+            vec![(
+                "total_price".to_string(),
+                "t".to_string(),
+                "bigint".to_string()
+            )]
+        );
+        assert!(retyped_columns(&registered, &before).is_empty());
     }
 
     #[test]

@@ -123,9 +123,9 @@ pub struct Applied {
 /// A record's place in its source: (commit LSN, streamed after snapshot, seq, part). Within a
 /// partition, records arrive in increasing order, except those a source sends again after a
 /// restart: anything not above the stored watermark is already applied. Records sharing a
-/// change's (lsn, seq) are told apart by `part`: [`Part::SnapshotStart`] (the truncate opening
-/// a table's snapshot, before its first row), [`Part::Event`], [`Part::Tombstone`] (after the
-/// event it closes).
+/// change's (lsn, seq) are told apart by `part`: [`Part::Barrier`] (a shape barrier, before the
+/// change it announces), [`Part::SnapshotStart`] (the truncate opening a table's snapshot,
+/// before its first row), [`Part::Event`], [`Part::Tombstone`] (after the event it closes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
 pub struct Watermark {
     pub lsn: u64,
@@ -136,6 +136,9 @@ pub struct Watermark {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
 pub enum Part {
+    /// A shape barrier: the mark a source writes to every partition of a topic just before the
+    /// first event of a table's new column types (see the sink's barrier).
+    Barrier = -1,
     SnapshotStart = 0,
     #[default]
     Event = 1,
@@ -145,6 +148,7 @@ pub enum Part {
 impl Part {
     fn from_i16(v: i16) -> Self {
         match v {
+            -1 => Part::Barrier,
             0 => Part::SnapshotStart,
             2 => Part::Tombstone,
             _ => Part::Event,
@@ -158,7 +162,7 @@ impl Watermark {
         let snapshot_start = change.op == Op::Truncate && change.snapshot != SnapshotMark::No;
         Self {
             lsn: change.tx.commit_lsn.0,
-            streamed: change.op != Op::Read && !snapshot_start,
+            streamed: change.streamed(),
             seq: change.seq,
             part: if snapshot_start {
                 Part::SnapshotStart

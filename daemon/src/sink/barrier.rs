@@ -1,15 +1,22 @@
-//! The truncate barrier: a source truncate (a `TRUNCATE`, or the truncate opening a table's
-//! snapshot or resync) is written to every partition of the table's topic, and empties the
-//! whole target table. It may only be applied once every partition has reached it, or rows of
-//! one partition applied before it would be removed by the truncate of another.
+//! The partition barrier: a record that every partition of a topic carries, and that none may
+//! pass before all of them reached it.
+//!
+//! - A source truncate (a `TRUNCATE`, or the truncate opening a table's snapshot or resync) is
+//!   written to every partition of the table's topic, and empties the whole target table. It
+//!   may only be applied once every partition has reached it, or rows of one partition applied
+//!   before it would be removed by the truncate of another.
+//! - A shape barrier is written to every partition just before the first change whose column
+//!   types differ. Nothing after it is applied before every partition applied its events of
+//!   the old types, so no value of an old type meets a column already changed (by the sink's
+//!   cast, or by an operator's `USING` expression that the sink cannot repeat).
 //!
 //! ```text
-//!  p0: … r r T r r ──┐ held (paused) at T
-//!  p1: … r T r r r ──┼──► every partition 0..n at T (or past it) ──► T once, then what followed
-//!  p2: … r r r r T ──┘
+//!  p0: … r r B r r ──┐ held (paused) at B
+//!  p1: … r B r r r ──┼──► every partition 0..n at B (or past it) ──► B once, then what followed
+//!  p2: … r r r r B ──┘
 //! ```
 //!
-//! `n` is the count the source wrote the truncate to, carried in its `bitclone9.partitions`
+//! `n` is the count the source wrote the barrier to, carried in its `bitclone9.partitions`
 //! header, not the partitions the sink happens to know of: a partition of a new topic that the
 //! sink has not discovered yet (metadata still short on a broker that is loading) is waited
 //! for, never passed over. Held partitions are paused, which bounds what is held in memory.
@@ -18,7 +25,6 @@
 //! tested on records made in the test.
 
 use super::Item;
-use bitclone9_core::Op;
 use bitclone9_postgres_sink::{Applied, Watermark};
 use rdkafka::message::{Headers, Message};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -27,24 +33,24 @@ use bitclone9_kafka::TRUNCATE_FANOUT_HEADER as FANOUT_HEADER;
 
 type Partition = (String, i32);
 
-/// What one call to [`TruncateBarrier::route`] decided.
+/// What one call to [`PartitionBarrier::route`] decided.
 #[derive(Default)]
 pub struct Routed {
     /// Items to apply now, in order.
     pub ready: Vec<Item>,
-    /// Partitions now held at a truncate: stop fetching them.
+    /// Partitions now held at a barrier: stop fetching them.
     pub pause: Vec<Partition>,
     /// Partitions released: fetch them again.
     pub resume: Vec<Partition>,
 }
 
 #[derive(Default)]
-pub struct TruncateBarrier {
-    /// Partitions stopped at a truncate (the first item), with what arrived after it.
+pub struct PartitionBarrier {
+    /// Partitions stopped at a barrier (the first item), with what arrived after it.
     held: BTreeMap<Partition, VecDeque<Item>>,
 }
 
-/// How many partitions a truncate was written to: its header, or (records written before the
+/// How many partitions a barrier was written to: its header, or (truncates written before the
 /// header existed) the partitions of the topic the sink knows of.
 fn fanout(item: &Item, assigned: &HashSet<Partition>) -> usize {
     let from_header = item.msg.headers().and_then(|h| {
@@ -60,8 +66,8 @@ fn fanout(item: &Item, assigned: &HashSet<Partition>) -> usize {
     })
 }
 
-impl TruncateBarrier {
-    /// Partitions held at a truncate now.
+impl PartitionBarrier {
+    /// Partitions held at a barrier now.
     pub fn held(&self) -> impl Iterator<Item = &Partition> {
         self.held.keys()
     }
@@ -88,12 +94,9 @@ impl TruncateBarrier {
         out: &mut Routed,
     ) {
         for item in items {
-            let truncate = item
-                .change()
-                .filter(|c| c.op == Op::Truncate)
-                .map(Watermark::of);
-            if truncate.is_none() && self.held.is_empty() {
-                // The common case: nothing is held, and this is no truncate.
+            let barrier = item.barrier();
+            if barrier.is_none() && self.held.is_empty() {
+                // The common case: nothing is held, and this is no barrier.
                 out.ready.push(item);
                 continue;
             }
@@ -106,7 +109,7 @@ impl TruncateBarrier {
             let covered = |w: Watermark| {
                 done.is_some_and(|a| item.msg.offset() <= a.offset || w <= a.watermark)
             };
-            match truncate {
+            match barrier {
                 Some(w) if !covered(w) && fanout(&item, assigned) > 1 => {
                     out.pause.push(key.clone());
                     self.held.insert(key, VecDeque::from([item]));
@@ -114,7 +117,7 @@ impl TruncateBarrier {
                 _ => out.ready.push(item),
             }
         }
-        // Release every topic whose partitions all stand at the same truncate (or are past it).
+        // Release every topic whose partitions all stand at the same barrier (or are past it).
         let topics: Vec<String> = {
             let mut t: Vec<String> = self.held.keys().map(|(t, _)| t.clone()).collect();
             t.dedup();
@@ -127,17 +130,16 @@ impl TruncateBarrier {
                 .filter(|((t, _), _)| *t == topic)
                 .filter_map(|((_, p), q)| {
                     let front = q.front()?;
-                    let c = front.change()?;
-                    Some((*p, Watermark::of(c), fanout(front, assigned)))
+                    Some((*p, front.barrier()?, fanout(front, assigned)))
                 })
                 .collect();
             let Some(&(_, w, n)) = fronts.iter().min_by_key(|(_, w, _)| *w) else {
                 continue;
             };
-            // A partition held at a later truncate is past this one (it never got it: e.g. a
+            // A partition held at a later barrier is past this one (it never got it: e.g. a
             // snapshot cut short before its truncate reached every partition). A partition
-            // whose target position is at or past the truncate has applied it already: records
-            // of a partition arrive in order, and the truncate came before anything later.
+            // whose target position is at or past the barrier has applied it already: records
+            // of a partition arrive in order, and the barrier came before anything later.
             let complete = (0..n as i32).all(|p| {
                 let at_or_later = fronts.iter().any(|(q, fw, _)| *q == p && *fw >= w);
                 let past = applied
@@ -163,9 +165,9 @@ impl TruncateBarrier {
                     out.resume.push(key);
                 }
             }
-            tracing::debug!(topic = %topic, partitions = released.len(), "every partition reached the truncate: applying it");
+            tracing::debug!(topic = %topic, partitions = released.len(), "every partition reached the barrier: applying it");
             out.ready.extend(released);
-            // What followed may hold another truncate: route it again.
+            // What followed may hold another barrier: route it again.
             self.route_into(rest, applied, assigned, out);
         }
     }
@@ -174,7 +176,7 @@ impl TruncateBarrier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitclone9_core::{Change, Lsn, SnapshotMark, TableId, TableSchema, TxInfo};
+    use bitclone9_core::{Change, Lsn, Op, SnapshotMark, TableId, TableSchema, TxInfo};
     use bitclone9_kafka::decode::Decoded;
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
 
@@ -266,7 +268,7 @@ mod tests {
     fn a_partition_the_sink_does_not_know_yet_is_waited_for() {
         // A new topic of 3 partitions; the sink's metadata lists only 1 and 2 (partition 0 is
         // discovered after the first batch). The truncate says it went to 3 partitions.
-        let mut b = TruncateBarrier::default();
+        let mut b = PartitionBarrier::default();
         let mut applied = HashMap::new();
         let known: HashSet<Partition> = [(TOPIC.to_string(), 1), (TOPIC.to_string(), 2)].into();
         let first = b.route(
@@ -307,7 +309,7 @@ mod tests {
         // Partitions 1 and 2 have their truncates and rows applied together; partition 0's
         // truncate comes later. Had the barrier counted only partitions 1 and 2 (all it knew),
         // the late truncate would then empty the table of their rows.
-        let mut b = TruncateBarrier::default();
+        let mut b = PartitionBarrier::default();
         let mut applied = HashMap::new();
         let r = b.route(
             vec![truncate(1, 0, 100, Some(3)), truncate(2, 0, 100, Some(3))],
@@ -337,7 +339,7 @@ mod tests {
                 .iter()
                 .map(|q| q.iter().map(clone_item).collect())
                 .collect();
-            let mut b = TruncateBarrier::default();
+            let mut b = PartitionBarrier::default();
             let mut applied = HashMap::new();
             let mut batches: Vec<Vec<(i32, i64)>> = Vec::new();
             for p in order {
@@ -379,7 +381,7 @@ mod tests {
                 watermark: Watermark::of(&change(Op::Read, 100, 7, true)),
             },
         );
-        let mut b = TruncateBarrier::default();
+        let mut b = PartitionBarrier::default();
         // Partition 1 holds a later truncate only (the first one's fan-out was cut short).
         let r = b.route(
             vec![truncate(0, 0, 100, Some(3)), truncate(1, 0, 200, Some(3))],
@@ -396,7 +398,7 @@ mod tests {
 
     #[test]
     fn a_single_partition_topic_needs_no_barrier() {
-        let mut b = TruncateBarrier::default();
+        let mut b = PartitionBarrier::default();
         let r = b.route(
             vec![truncate(0, 0, 100, Some(1)), row(0, 1, 100, 1)],
             &HashMap::new(),
@@ -404,6 +406,159 @@ mod tests {
         );
         assert_eq!(offsets(&r.ready), vec![(0, 0), (0, 1)]);
         assert!(r.pause.is_empty());
+    }
+
+    /// A shape barrier on `partition`, before the streamed change (`lsn`, `seq`) of new column
+    /// types, written to `n` partitions.
+    fn shape_barrier(partition: i32, offset: i64, lsn: u64, seq: u64, n: usize) -> Item {
+        barrier_before(partition, offset, lsn, seq, n, "streamed")
+    }
+
+    /// The same before a change read by a snapshot (`kind` = `snapshot`).
+    fn barrier_before(
+        partition: i32,
+        offset: i64,
+        lsn: u64,
+        seq: u64,
+        n: usize,
+        kind: &str,
+    ) -> Item {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: FANOUT_HEADER,
+                value: Some(&n.to_string()),
+            })
+            .insert(Header {
+                key: bitclone9_kafka::SHAPE_BARRIER_HEADER,
+                value: Some(kind),
+            })
+            .insert(Header {
+                key: "bitclone9.lsn",
+                value: Some(&Lsn(lsn).to_string()),
+            })
+            .insert(Header {
+                key: "bitclone9.seq",
+                value: Some(&seq.to_string()),
+            });
+        Item {
+            msg: OwnedMessage::new(
+                None,
+                None,
+                TOPIC.into(),
+                Timestamp::NotAvailable,
+                partition,
+                offset,
+                Some(headers),
+            ),
+            decoded: Ok(Decoded::Tombstone(None)),
+        }
+    }
+
+    fn streamed(partition: i32, offset: i64, lsn: u64, seq: u64) -> Item {
+        Item {
+            msg: msg(partition, offset, None),
+            decoded: Ok(Decoded::Change(change(Op::Update, lsn, seq, false))),
+        }
+    }
+
+    #[test]
+    fn a_shape_barrier_is_read_from_its_headers_and_sits_just_before_its_change() {
+        let b = shape_barrier(0, 0, 200, 3, 2);
+        let w = b.barrier().expect("a barrier");
+        assert_eq!(b.watermark(), Some(w), "applying it stores its position");
+        assert!(w < Watermark::of(&change(Op::Update, 200, 3, false)));
+        assert!(w > Watermark::of(&change(Op::Update, 200, 2, false)));
+        assert!(w > Watermark::of(&change(Op::Update, 199, 9, false)));
+        // A tombstone of no key without the header is no barrier.
+        let plain = Item {
+            msg: msg(0, 1, None),
+            decoded: Ok(Decoded::Tombstone(None)),
+        };
+        assert_eq!(plain.barrier(), None);
+    }
+
+    #[test]
+    fn any_arrival_order_applies_every_old_shape_event_before_any_new_one() {
+        // Each of three partitions: two events of the old column types, the shape barrier,
+        // one event of the new types (the change at lsn 200 is the first of the new shape).
+        let records: Vec<Vec<Item>> = (0..3)
+            .map(|p| {
+                vec![
+                    streamed(p, 0, 100, p as u64),
+                    streamed(p, 1, 150, p as u64),
+                    shape_barrier(p, 2, 200, 0, 3),
+                    streamed(p, 3, 200, p as u64),
+                ]
+            })
+            .collect();
+        for order in interleavings(&[4, 4, 4]) {
+            let mut next = [0usize; 3];
+            let mut b = PartitionBarrier::default();
+            let mut applied = HashMap::new();
+            let mut flat: Vec<(i32, i64)> = Vec::new();
+            for p in &order {
+                let item = clone_item(&records[*p][next[*p]]);
+                next[*p] += 1;
+                let r = b.route(vec![item], &applied, &parts(3));
+                apply(&mut applied, &r.ready);
+                flat.extend(offsets(&r.ready));
+            }
+            assert_eq!(flat.len(), 12, "everything released: {order:?}");
+            let last_old = flat.iter().rposition(|(_, o)| *o < 2).unwrap_or(0);
+            let first_new = flat.iter().position(|(_, o)| *o == 3).unwrap_or(0);
+            assert!(
+                last_old < first_new,
+                "an event of the new types before one of the old: {order:?} gave {flat:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shape_barrier_written_again_after_a_restart_does_not_hold_what_applied_it() {
+        // Partition 0 applied the barrier before a restart; the source, restarted, wrote it
+        // again to both partitions (its new schema was not registered yet).
+        let mut applied = HashMap::new();
+        let first = shape_barrier(0, 2, 200, 0, 2);
+        apply(&mut applied, std::slice::from_ref(&first));
+        let mut b = PartitionBarrier::default();
+        let r = b.route(
+            vec![shape_barrier(0, 3, 200, 0, 2), streamed(0, 4, 200, 1)],
+            &applied,
+            &parts(2),
+        );
+        assert_eq!(offsets(&r.ready), vec![(0, 3), (0, 4)], "passed again");
+        // Partition 1 meets only the copy: partition 0 is past it, so it is not held either.
+        let r = b.route(
+            vec![shape_barrier(1, 7, 200, 0, 2), streamed(1, 8, 200, 2)],
+            &applied,
+            &parts(2),
+        );
+        assert_eq!(offsets(&r.ready), vec![(1, 7), (1, 8)]);
+        assert_eq!(b.held().count(), 0);
+    }
+
+    #[test]
+    fn a_shape_barrier_and_a_truncate_at_one_position_are_two_barriers_in_order() {
+        // A table read again right after its types changed: the barrier, then the truncate
+        // opening its snapshot, at the same commit position, on both partitions.
+        let mut b = PartitionBarrier::default();
+        let mut applied = HashMap::new();
+        let mut flat = Vec::new();
+        let before_snapshot = |p| barrier_before(p, 0, 200, 0, 2, "snapshot");
+        assert!(
+            before_snapshot(0).barrier() < truncate(0, 1, 200, Some(2)).barrier(),
+            "the barrier comes first"
+        );
+        for batch in [
+            vec![before_snapshot(0), truncate(0, 1, 200, Some(2))],
+            vec![row(0, 2, 200, 1), before_snapshot(1)],
+            vec![truncate(1, 1, 200, Some(2)), row(1, 2, 200, 2)],
+        ] {
+            let r = b.route(batch, &applied, &parts(2));
+            apply(&mut applied, &r.ready);
+            flat.extend(offsets(&r.ready));
+        }
+        assert_eq!(flat, vec![(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]);
     }
 
     fn clone_item(i: &Item) -> Item {
