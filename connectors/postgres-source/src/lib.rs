@@ -564,8 +564,17 @@ impl PostgresSource {
     /// publication lost (dropped). A table that cannot be captured (no replica identity) is left
     /// out with a warning instead of stopping the source.
     pub async fn catalog_changes(&mut self) -> Result<CatalogChanges, SourceError> {
-        let published = catalog::published_tables(&self.sql, &self.cfg.publication).await?;
+        let mut published = catalog::published_tables(&self.sql, &self.cfg.publication).await?;
         let mut gone = self.gone_tables().await?;
+        // A drop that committed between the two reads leaves the dropped table listed as
+        // published. There it would pass for a table of that name published again, whose drop
+        // is announced at once, before the stream passed it, and the changes still to stream
+        // would land behind the announcement. Only a table that exists is published again.
+        for t in &gone {
+            if published.contains(t) && !catalog::table_exists(&self.sql, t).await? {
+                published.retain(|p| p != t);
+            }
+        }
         let mut unpublished = Vec::new();
         for t in self.published.iter().filter(|t| !published.contains(t)) {
             if gone.contains(t) {
