@@ -23,8 +23,10 @@
 //! equals the source, row for row and in its columns (names, types, order: the workload adds a
 //! column to `acct`, with a default for half the seeds, so that `acct` is read again; renames
 //! `line.qty` to `quantity` and makes it `bigint`; drops `doc.title`, which the target keeps
-//! (`on_column_drop = "keep"`: compared without it); creates table `late` and drops table
-//! `gone`, each at a transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle
+//! (`on_column_drop = "keep"`: compared without it); turns `doc.code` from text into `bigint`
+//! by an expression, which the registry refuses and the target cannot cast, so the run's
+//! operator (`operator.rs`) does what the daemon's messages ask; creates table `late` and drops
+//! table `gone`, each at a transaction drawn from the seed), and `bitclone9 verify` agrees; (6) every cycle
 //! recovered without help; (7) the daemon's peak RSS stayed under a bound. (3), the slot never
 //! confirming what Kafka lacks, is what (1) checks after each SIGKILL: a position confirmed too
 //! early would be a gap.
@@ -43,13 +45,15 @@
 //! (4) does all along.
 //!
 //! Files: `main.rs` the run and its cycles, `workload.rs` the transactions, `faults.rs` the
-//! daemon's supervision and the nemeses, `check.rs` the history and the checks against it.
+//! daemon's supervision and the nemeses, `check.rs` the history and the checks against it,
+//! `operator.rs` the person who follows the daemon's messages.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod check;
 mod faults;
+mod operator;
 mod workload;
 
 use check::*;
@@ -400,7 +404,7 @@ async fn compared_rows(c: &Client, table: &str, order: &str, title_dropped: bool
         return dump(c, table, order).await;
     }
     c.query(
-        &format!("SELECT ROW(id, v, body)::text FROM {table} ORDER BY {order}"),
+        &format!("SELECT ROW(id, v, body, code)::text FROM {table} ORDER BY {order}"),
         &[],
     )
     .await
@@ -464,7 +468,7 @@ async fn chaos_clone_stays_equal_under_randomized_faults() {
     src.batch_execute(&format!(
         "INSERT INTO acct SELECT g, g, (ARRAY['sad','ok','happy']::mood[])[1 + g % 3], 'n' || g FROM generate_series(1, 20000) g;
          INSERT INTO line SELECT g / 10, g % 10, 20000 + g, g % 5 FROM generate_series(1, 20000) g;
-         INSERT INTO doc SELECT g, 40000 + g, 't' || g, {BIG_BODY} FROM generate_series(1, 300) g;
+         INSERT INTO doc SELECT g, 40000 + g, 't' || g, {BIG_BODY}, 'c' || (40000 + g) FROM generate_series(1, 300) g;
          INSERT INTO gone SELECT g, 60000 + g FROM generate_series(1, 500) g;"
     ))
     .await
@@ -609,6 +613,7 @@ on_table_drop = "keep"
         create_at: 1 + Rng(seed.rotate_left(53)).below(total_tx_hint),
         drop_at: 1 + Rng(seed.rotate_left(59)).below(total_tx_hint),
         drop_column_at: 1 + Rng(seed.rotate_left(61)).below(total_tx_hint),
+        retype_code_at: 1 + Rng(seed.rotate_left(67)).below(total_tx_hint),
         large_at: 1 + Rng(seed.rotate_left(7)).below(total_tx_hint),
         large_rows,
         shape: Shape::default(),
@@ -625,19 +630,30 @@ on_table_drop = "keep"
     let late = workload.late.clone();
     let drop_lock = workload.drop_lock.clone();
     println!(
-        "chaos: DDL from transaction {} (acct ADD COLUMN extra{}), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint), {} (CREATE TABLE late), {} (DROP TABLE gone), {} (doc DROP COLUMN title)",
+        "chaos: DDL from transaction {} (acct ADD COLUMN extra{}), {} (line RENAME qty TO quantity), {} (line's quantity column TYPE bigint), {} (CREATE TABLE late), {} (DROP TABLE gone), {} (doc DROP COLUMN title), {} (doc.code text → bigint USING an expression)",
         workload.add_column_at,
         if workload.extra_default { " DEFAULT, read again" } else { "" },
         workload.rename_at,
         workload.retype_at,
         workload.create_at,
         workload.drop_at,
-        workload.drop_column_at
+        workload.drop_column_at,
+        workload.retype_code_at
     );
     let load = start_workload(db.clone(), workload, history.clone(), stop_rx.clone());
     let observed = Arc::new(Mutex::new(Observed::default()));
     // Set while a slot drop's new snapshot empties and refills the target.
     let resnapshot = Arc::new(AtomicBool::new(false));
+    // The operator stays until the final checks: the daemon may ask for help while settling.
+    let (operator_stop, operator_stop_rx) = tokio::sync::watch::channel(false);
+    let operator = operator::start_operator(
+        config
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+        target_db.clone(),
+        operator_stop_rx,
+    );
     let sampler = start_sampler(
         target_db.clone(),
         observed.clone(),
@@ -916,6 +932,9 @@ on_table_drop = "keep"
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     sampler.await.expect("sampler");
+    let _ = operator_stop.send(true);
+    let helped = operator.await.expect("operator");
+    println!("chaos: the operator did: {helped:?}");
     let skip: &[usize] = if with_late { &[] } else { &[LATE] };
     if let Some(now) = target_versions(&dst, skip).await {
         observed.lock().unwrap_or_else(|p| p.into_inner()).add(now);

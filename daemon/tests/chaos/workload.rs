@@ -8,13 +8,16 @@
 //!    └── History::live (keys to pick)            └──► settled by looking for the txlog row
 //! ```
 //!
-//! Six DDL changes come at transactions drawn from the seed, each in its own order:
+//! Seven DDL changes come at transactions drawn from the seed, each in its own order:
 //! `acct` gets column `extra` (with a default for half the seeds, which the daemon answers by
 //! reading `acct` again), `line.qty` is renamed `quantity`, and that column (under
 //! whichever name it has then) becomes `bigint`, after which some writes put values above 2^31
 //! into it; table `late` is created (with its first rows, in the same transaction), and table
 //! `gone` is dropped (after a last change of it, in the same transaction), and `doc.title` is
-//! dropped (the target keeps it: `on_column_drop = "keep"`). The writes of a
+//! dropped (the target keeps it: `on_column_drop = "keep"`), and `doc.code` goes from text
+//! (`c<v>`) to `bigint` by an expression, which the registry refuses and the target cannot
+//! follow by a cast: the run's operator lets the subject take it and runs the expression on
+//! the target, as the daemon's messages say. The writes of a
 //! transaction after its DDL use the new shape; the workload's [`Shape`] follows only DDL that
 //! committed (a transaction that did not commit has its DDL done again by the next one). Each
 //! change of `line` is followed in its transaction by an insert into `line`, so that an event
@@ -59,11 +62,15 @@ impl Rng {
     }
 }
 
+/// How `doc.code` becomes `bigint`: by an expression a plain cast cannot repeat.
+pub(crate) const RETYPE_CODE: &str =
+    "ALTER TABLE doc ALTER COLUMN code TYPE bigint USING substr(code, 2)::bigint;";
+
 pub(crate) const DDL: &str = "
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE TABLE acct (id bigint PRIMARY KEY, v bigint NOT NULL, m mood NOT NULL, note text);
 CREATE TABLE line (o int, n int, v bigint NOT NULL, qty int, PRIMARY KEY (o, n));
-CREATE TABLE doc (id int PRIMARY KEY, v bigint NOT NULL, title text, body text);
+CREATE TABLE doc (id int PRIMARY KEY, v bigint NOT NULL, title text, body text, code text);
 CREATE TABLE txlog (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE gone (id bigint PRIMARY KEY, v bigint NOT NULL);
 ";
@@ -91,9 +98,21 @@ pub(crate) struct Shape {
     pub(crate) gone_dropped: bool,
     /// `doc.title` was dropped (the target keeps it, with its values: `on_column_drop = "keep"`).
     pub(crate) title_dropped: bool,
+    /// `doc.code` is `bigint`: it was text (`c<v>`), changed `USING substr(code, 2)::bigint`,
+    /// which neither the registry's rule nor the target's cast takes without the operator.
+    pub(crate) code_bigint: bool,
 }
 
 impl Shape {
+    /// The SQL value of `doc.code` written with version `v`.
+    pub(crate) fn code(&self, v: i64) -> String {
+        if self.code_bigint {
+            v.to_string()
+        } else {
+            format!("'c{v}'")
+        }
+    }
+
     /// The current name of `line`'s quantity column.
     pub(crate) fn qty(&self) -> &'static str {
         if self.renamed {
@@ -144,6 +163,8 @@ pub(crate) struct Workload {
     pub(crate) drop_at: u64,
     /// The txlog id from which on `doc.title` is dropped.
     pub(crate) drop_column_at: u64,
+    /// The txlog id from which on `doc.code` becomes `bigint`.
+    pub(crate) retype_code_at: u64,
     pub(crate) large_at: u64,
     pub(crate) large_rows: i64,
     /// The shape the committed transactions left.
@@ -286,6 +307,13 @@ impl Workload {
         if id >= self.drop_column_at && !shape.title_dropped {
             shape.title_dropped = true;
             sql.push_str("ALTER TABLE doc DROP COLUMN title;\n");
+        }
+        if id >= self.retype_code_at && !shape.code_bigint {
+            // The registry refuses the new schema (string → long breaks BACKWARD) and the
+            // target cannot cast `c<v>`: the run's operator (see `operator.rs`) fixes both.
+            shape.code_bigint = true;
+            sql.push_str(RETYPE_CODE);
+            sql.push('\n');
         }
         if id >= self.create_at && !shape.late {
             shape.late = true;
@@ -512,10 +540,11 @@ impl Workload {
             81..=85 => {
                 self.next_id += 1;
                 let (id, v) = (self.next_id, self.v());
+                let code = shape.code(v);
                 sql.push_str(&if shape.title_dropped {
-                    format!("INSERT INTO doc (id, v, body) VALUES ({id}, {v}, {BIG_BODY});\n")
+                    format!("INSERT INTO doc (id, v, body, code) VALUES ({id}, {v}, {BIG_BODY}, {code});\n")
                 } else {
-                    format!("INSERT INTO doc VALUES ({id}, {v}, 't{v}', {BIG_BODY});\n")
+                    format!("INSERT INTO doc (id, v, title, body, code) VALUES ({id}, {v}, 't{v}', {BIG_BODY}, {code});\n")
                 });
                 touched.insert((2, id.to_string()));
                 effects.push(Effect::Put(2, id.to_string(), v));
@@ -534,7 +563,8 @@ impl Workload {
                         format!(", title = 't{v}'")
                     };
                     sql.push_str(&format!(
-                        "UPDATE doc SET v = {v}{title}{body} WHERE id = {k};\n"
+                        "UPDATE doc SET v = {v}, code = {}{title}{body} WHERE id = {k};\n",
+                        shape.code(v)
                     ));
                     touched.insert((2, k.clone()));
                     effects.push(Effect::Put(2, k, v));
