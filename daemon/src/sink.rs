@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 mod barrier;
+mod stopped;
 use barrier::PartitionBarrier;
+use stopped::StoppedTables;
 
 /// Why a sink run ended.
 #[derive(Debug, thiserror::Error)]
@@ -189,12 +191,28 @@ impl Assigner {
         }
     }
 
-    /// Assigns partitions not assigned yet (at most every 5 s).
+    /// Gives up `topic`'s partitions: they are assigned again by a later scan, from the
+    /// target's positions.
+    fn unassign<C: ConsumerContext>(&mut self, consumer: &StreamConsumer<C>, topic: &str) {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in self.assigned.iter().filter(|(t, _)| t == topic) {
+            tpl.add_partition(t, *p);
+        }
+        self.assigned.retain(|(t, _)| t != topic);
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.incremental_unassign(&tpl) {
+                tracing::warn!(topic, error = %e, "cannot give up the topic's partitions (its records are dropped meanwhile)");
+            }
+        }
+    }
+
+    /// Assigns partitions not assigned yet (at most every 5 s), but none of `stopped` topics.
     fn scan<C: ConsumerContext>(
         &mut self,
         name: &str,
         consumer: &StreamConsumer<C>,
         applied: &Applieds,
+        stopped: &StoppedTables,
         timeout: Duration,
     ) -> Result<(), SinkPipelineError> {
         if self
@@ -210,7 +228,7 @@ impl Assigner {
         let wanted: Vec<_> = metadata
             .topics()
             .iter()
-            .filter(|t| self.wants(t.name()))
+            .filter(|t| self.wants(t.name()) && !stopped.blocks(t.name()))
             .collect();
         for t in wanted {
             for p in t.partitions() {
@@ -392,7 +410,14 @@ async fn run_once(
         .create()
         .map_err(|e| SinkPipelineError::Kafka(format!("consumer: {e}")))?;
     let mut assigner = Assigner::new(cfg)?;
-    assigner.scan(name, &consumer, &applied, cfg.kafka.request_timeout)?;
+    let mut stopped = StoppedTables::new(name);
+    assigner.scan(
+        name,
+        &consumer,
+        &applied,
+        &stopped,
+        cfg.kafka.request_timeout,
+    )?;
     ensure_topic(cfg).await?;
     tracing::info!(connector = %name, topics = ?cfg.subscription, group = %cfg.group, "sink started");
     status.set_state(name, ConnectorState::Streaming);
@@ -414,7 +439,13 @@ async fn run_once(
             status,
             cfg.kafka.request_timeout,
         );
-        assigner.scan(name, &consumer, &applied, cfg.kafka.request_timeout)?;
+        assigner.scan(
+            name,
+            &consumer,
+            &applied,
+            &stopped,
+            cfg.kafka.request_timeout,
+        )?;
         // Wait for a first record (touching the status while idle), then fill the batch.
         let first = tokio::select! {
             biased;
@@ -454,7 +485,9 @@ async fn run_once(
             }
         }
         let mut items = Vec::with_capacity(msgs.len());
-        for msg in msgs {
+        // Records of a stopped table fetched before its partitions were given up are read
+        // again when it is tried again.
+        for msg in msgs.into_iter().filter(|m| !stopped.blocks(m.topic())) {
             let headers = if msg.payload().is_none() {
                 tombstone_headers(&msg)
             } else {
@@ -482,19 +515,47 @@ async fn run_once(
         // A shape barrier ends a target transaction: what came before it (events of the old
         // column types) commits before what follows, which may change a column, or fail until
         // an operator changes it, and is then applied again from the committed positions.
-        for items in after_shape_barriers(routed.ready) {
+        for mut items in after_shape_barriers(routed.ready) {
             let started = Instant::now();
-            let truncates = items
-                .iter()
-                .any(|i| i.change().is_some_and(|c| c.op == Op::Truncate));
-            let outcome = if more_targets.is_empty() || truncates {
-                // A truncate and what follows it are applied in order, in one transaction.
-                let all: Vec<&Item> = items.iter().collect();
-                apply_batch(cfg, &mut target, &producer, &all, &m).await?
-            } else {
-                apply_concurrently(cfg, &mut target, &mut more_targets, &producer, &items, &m)
-                    .await?
+            // A table the target cannot follow stops alone: its records leave the batch, and
+            // the rest is applied again.
+            let outcome = loop {
+                items.retain(|i| !stopped.blocks(i.msg.topic()));
+                if items.is_empty() {
+                    break None;
+                }
+                match apply_items(cfg, &mut target, &mut more_targets, &producer, &items, &m).await
+                {
+                    Ok(o) => break Some(o),
+                    Err(SinkPipelineError::Target(TargetError::SchemaChange { table, detail })) => {
+                        let topics: std::collections::BTreeSet<String> = items
+                            .iter()
+                            .filter_map(|i| Some((i.msg.topic(), i.change()?)))
+                            .filter(|(_, c)| target.target_of(&c.table.id).to_string() == table)
+                            .map(|(t, _)| t.to_string())
+                            .collect();
+                        if topics.is_empty() {
+                            return Err(TargetError::SchemaChange { table, detail }.into());
+                        }
+                        for topic in &topics {
+                            let wait = stopped.stop(topic, &table, &detail);
+                            assigner.unassign(&consumer, topic);
+                            barrier.forget(topic);
+                            metrics::counter!("bitclone9_sink_table_stops_total", "connector" => name.to_string(), "table" => table.clone()).increment(1);
+                            tracing::error!(connector = %name, table = %table, topic = %topic, retry_in = ?wait,
+                                "table stopped, the sink's other tables go on: {detail}");
+                        }
+                        status.set_stopped_tables(name, stopped.describe());
+                    }
+                    Err(e) => return Err(e),
+                }
             };
+            let Some(outcome) = outcome else { continue };
+            let resumed = stopped.applied(items.iter().map(|i| i.msg.topic()));
+            if !resumed.is_empty() {
+                tracing::info!(connector = %name, tables = %resumed.join(", "), "stopped tables apply again");
+                status.set_stopped_tables(name, stopped.describe());
+            }
             for (kind, n) in &outcome.dead_lettered {
                 dead_letters(kind).increment(*n);
             }
@@ -537,6 +598,27 @@ async fn run_once(
                 tracing::warn!(connector = %name, error = %e, "cannot commit offsets to the consumer group (the target holds the positions; lag tools may show stale lag)");
             }
         }
+    }
+}
+
+/// Applies `items` in one transaction when they hold a truncate (it and what follows it are
+/// applied in order), else spread over the target sessions by partition.
+async fn apply_items(
+    cfg: &SinkPipelineConfig,
+    target: &mut PostgresTarget,
+    more_targets: &mut [PostgresTarget],
+    producer: &EventProducer,
+    items: &[Item],
+    m: &Metrics,
+) -> Result<Outcome, SinkPipelineError> {
+    let truncates = items
+        .iter()
+        .any(|i| i.change().is_some_and(|c| c.op == Op::Truncate));
+    if more_targets.is_empty() || truncates {
+        let all: Vec<&Item> = items.iter().collect();
+        apply_batch(cfg, target, producer, &all, m).await
+    } else {
+        apply_concurrently(cfg, target, more_targets, producer, items, m).await
     }
 }
 

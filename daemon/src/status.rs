@@ -41,6 +41,10 @@ pub struct ConnectorStatus {
     /// For a source: tables include/exclude match that are not captured, and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub left_out_tables: Vec<String>,
+    /// For a sink: tables stopped by a change the target cannot follow by itself, with why
+    /// and when they are tried again (the sink's other tables go on).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stopped_tables: Vec<String>,
     /// Events an operator should know of that did not stop the connector (e.g. a table dropped
     /// at the source), newest last; the last 20 are kept.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -98,6 +102,7 @@ impl Status {
                 idle_s: 0.0,
                 sink: None,
                 left_out_tables: Vec::new(),
+                stopped_tables: Vec::new(),
                 notes: Vec::new(),
                 alive_at: Instant::now(),
                 ups: 0,
@@ -181,6 +186,11 @@ impl Status {
                 .map(|t| format!("{t}: no primary key or replica identity (add one, or set REPLICA IDENTITY FULL)"))
                 .collect();
         });
+    }
+
+    /// The tables a sink has stopped, with why.
+    pub fn set_stopped_tables(&self, name: &str, tables: Vec<String>) {
+        self.update(name, |c| c.stopped_tables = tables);
     }
 
     pub fn sink_progress(&self, name: &str, progress: SinkProgress) {

@@ -453,7 +453,9 @@ async fn a_type_change_the_target_cannot_cast_stops_the_sink_with_the_statement_
     let cl = common::clone::Clone::new(
         "skcast",
         "CREATE TABLE t (id int PRIMARY KEY, a text);
-         INSERT INTO t VALUES (1, 'abc'), (2, 'hello')",
+         INSERT INTO t VALUES (1, 'abc'), (2, 'hello');
+         CREATE TABLE u (id int PRIMARY KEY);
+         INSERT INTO u VALUES (1)",
         "",
         "",
     )
@@ -490,9 +492,19 @@ async fn a_type_change_the_target_cannot_cast_stops_the_sink_with_the_statement_
     let addr = admin_addr(&mut daemon).await;
     let (_, status) = http_get(&addr, "/status", None).await;
     assert!(
-        status.contains("cannot cast its values"),
-        "/status says why: {status}"
+        status.contains("cannot cast its values") && status.contains("stopped_tables"),
+        "/status says which table stopped and why: {status}"
     );
+    assert_eq!(
+        metric_sum(&addr, "bitclone9_sink_tables_stopped", "").await,
+        1.0
+    );
+    // Only that table stopped: another one goes on.
+    cl.src
+        .batch_execute("INSERT INTO u SELECT g FROM generate_series(2, 50) g")
+        .await
+        .expect("writes to u");
+    wait_same(&cl, "SELECT * FROM u ORDER BY id", Duration::from_secs(60)).await;
     // Nothing was dead-lettered or applied past the change meanwhile.
     let n: i64 = cl
         .dst
@@ -508,6 +520,11 @@ async fn a_type_change_the_target_cannot_cast_stops_the_sink_with_the_statement_
         .expect("operator's fix");
     wait_same(&cl, "SELECT * FROM t ORDER BY id", Duration::from_secs(120)).await;
     assert!(!daemon.log_text().contains("dead-letter topic"));
+    assert!(daemon.log_text().contains("stopped tables apply again"));
+    assert_eq!(
+        metric_sum(&addr, "bitclone9_sink_tables_stopped", "").await,
+        0.0
+    );
     drop(daemon);
     cl.cleanup().await;
 }

@@ -67,6 +67,12 @@ fn fanout(item: &Item, assigned: &HashSet<Partition>) -> usize {
 }
 
 impl PartitionBarrier {
+    /// Lets go of what is held of `topic` (its partitions are given up: read again later from
+    /// the target's positions).
+    pub fn forget(&mut self, topic: &str) {
+        self.held.retain(|(t, _), _| t != topic);
+    }
+
     /// Partitions held at a barrier now.
     pub fn held(&self) -> impl Iterator<Item = &Partition> {
         self.held.keys()
